@@ -65,8 +65,8 @@ class TimeGrid:
                 f"TimeGrid: t, alpha, sigma must have the same length; got {n}, "
                 f"{tuple(self.alpha.shape)}, {tuple(self.sigma.shape)}"
             )
-        if bool((self.sigma < 0).any()) or bool((self.alpha <= 0).any()):
-            raise ValueError("TimeGrid: need alpha > 0 and sigma >= 0 at every point")
+        if bool((self.sigma < 0).any()) or bool((self.alpha < 0).any()) or bool(((self.alpha + self.sigma) <= 0).any()):
+            raise ValueError("TimeGrid: need alpha >= 0, sigma >= 0 and not both zero at every point")
 
     @property
     def num_steps(self) -> int:
@@ -369,7 +369,7 @@ def _rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
     a0 = alphas_bar_sqrt[0].clone()
     aT = alphas_bar_sqrt[-1].clone()
-    alphas_bar_sqrt = (alphas_bar_sqrt - aT) * a0 / (a0 - aT)
+    alphas_bar_sqrt = (alphas_bar_sqrt - aT) * (a0 / (a0 - aT))
     alphas_bar = alphas_bar_sqrt**2
     alphas = alphas_bar[1:] / alphas_bar[:-1]
     alphas = torch.cat([alphas_bar[0:1], alphas])
@@ -509,9 +509,10 @@ class FlowMatchingSchedule(NoiseSchedule):
         s_end: float | None = None,
     ) -> TimeGrid:
         """diffusers' ``FlowMatchEulerDiscreteScheduler`` grid: ``s`` uniform from ``s_start`` to
-        ``s_end`` (default ``1/T``), shifted, then ``0``. ``logsnr``/``karras`` also accepted."""
+        ``s_end`` (default: the shifted ``1/T``), shifted, then ``0``. ``logsnr``/``karras`` also accepted."""
         _check_steps(num_steps)
-        s_end = 1.0 / self.num_train_timesteps if s_end is None else float(s_end)
+        if s_end is None:  # diffusers: the smallest *shifted* training sigma
+            s_end = float(self.shifted(torch.tensor(1.0 / self.num_train_timesteps, dtype=torch.float64)))
         if spacing == "uniform":
             s = torch.linspace(s_start, s_end, num_steps, dtype=torch.float64)
             s = self.shifted(s)
