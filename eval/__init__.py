@@ -1,0 +1,77 @@
+"""Evaluation: image metrics (PSNR, SSIM, LPIPS, FID, KID), image I/O and datasets.
+
+Heavy libraries (lpips, clean-fid, torchvision, PIL) are imported only when used.
+"""
+
+from hessdiff.eval.data import ImageFolderDataset, ImageItem, list_image_files
+from hessdiff.eval.distances import (
+    component_tv,
+    gaussian_w2,
+    posterior_mean_error,
+    sliced_wasserstein,
+)
+from hessdiff.eval.fid import (
+    CleanFIDInception,
+    DistributionMetrics,
+    FeatureExtractor,
+    FeatureStats,
+    NamedExtractor,
+    fid_from_stats,
+    folder_feature_stats,
+    frechet_distance,
+    inception_weights_path,
+    kernel_inception_distance,
+)
+from hessdiff.eval.images import (
+    RESIZE_MODES,
+    as_float_image,
+    as_uint8_image,
+    from_uint8,
+    load_image,
+    resize_image,
+    save_image,
+    to_uint8,
+    to_unit,
+)
+from hessdiff.eval.metrics import LPIPS, METRICS, PSNR, SSIM, MetricSuite, PairedMetric, lpips_backbone_path, psnr, ssim
+from hessdiff.eval.weights import MissingWeightsError, default_cache_dir
+
+__all__ = [
+    "component_tv",
+    "gaussian_w2",
+    "posterior_mean_error",
+    "sliced_wasserstein",
+    "CleanFIDInception",
+    "DistributionMetrics",
+    "FeatureExtractor",
+    "FeatureStats",
+    "ImageFolderDataset",
+    "ImageItem",
+    "LPIPS",
+    "METRICS",
+    "MetricSuite",
+    "MissingWeightsError",
+    "NamedExtractor",
+    "PSNR",
+    "PairedMetric",
+    "RESIZE_MODES",
+    "SSIM",
+    "as_float_image",
+    "as_uint8_image",
+    "default_cache_dir",
+    "fid_from_stats",
+    "folder_feature_stats",
+    "from_uint8",
+    "frechet_distance",
+    "inception_weights_path",
+    "kernel_inception_distance",
+    "list_image_files",
+    "load_image",
+    "lpips_backbone_path",
+    "psnr",
+    "resize_image",
+    "save_image",
+    "ssim",
+    "to_uint8",
+    "to_unit",
+]
