@@ -43,6 +43,7 @@ __all__ = [
     "StepCorrection",
     "Corrector",
     "randn_like",
+    "ddim_step",
     "sample_ddim",
     "sample_dpm_solver",
     "sample_dpm_solver_pp",
@@ -133,6 +134,21 @@ def _finish(x: Tensor, x_in: Tensor) -> Tensor:
     return x.to(x_in.dtype)
 
 
+def ddim_step(x0: Tensor, eps: Tensor, alpha: float, sigma: float, alpha_next: float, sigma_next: float, *,
+              eta: float = 0.0, generator: GeneratorArg = None) -> Tensor:
+    """One DDIM update from the point ``(alpha, sigma)`` to ``(alpha_next, sigma_next)``:
+    ``alpha_next x0 + sqrt(sigma_next^2 - v) eps + sqrt(v) z`` with the DDIM variance
+    ``v = eta^2 (sigma_next^2 / sigma^2) (1 - alpha^2 / alpha_next^2)`` (Song et al. 2021, eq. 12/16;
+    ``eta = 1`` on consecutive training steps is DDPM's posterior variance)."""
+    # (1 - abar_prev)/(1 - abar) * (1 - abar/abar_prev), abar = alpha^2, 1 - abar = sigma^2
+    an, sn = alpha_next, sigma_next
+    var = eta**2 * (sn**2 / sigma**2) * max(0.0, 1.0 - alpha**2 / an**2) if (eta > 0 and sn > 0) else 0.0
+    x = an * x0 + max(sn**2 - var, 0.0) ** 0.5 * eps
+    if var > 0:
+        x = x + var**0.5 * randn_like(x, generator)
+    return x
+
+
 def sample_ddim(
     denoiser: Any,
     x: Tensor,
@@ -166,12 +182,7 @@ def sample_ddim(
         if correction is not None:
             ctx = StepContext(i, n, t, a, s, an, sn, x, pred, "eps", "ddim", denoiser, generator)
             eps = correction(eps, ctx)
-        # DDIM variance (1 - abar_prev)/(1 - abar) * (1 - abar/abar_prev), abar = alpha^2, 1 - abar = sigma^2
-        var = eta**2 * (sn**2 / s**2) * max(0.0, 1.0 - a**2 / an**2) if (eta > 0 and sn > 0) else 0.0
-        dir_coef = max(sn**2 - var, 0.0) ** 0.5
-        x = an * pred.x0 + dir_coef * eps
-        if var > 0:
-            x = x + var**0.5 * randn_like(x, generator)
+        x = ddim_step(pred.x0, eps, a, s, an, sn, eta=eta, generator=generator)
         if corrector is not None and i + 1 < n and sn > 0:
             x = corrector(x, StepContext(i + 1, n, grid.t[i + 1], an, sn, an, sn, x, pred, "eps", "ddim",
                                          denoiser, generator))
@@ -225,6 +236,9 @@ def sample_dpm_solver(
     pp = algorithm == "dpmsolver++"
     x_in = x
     x = _start(denoiser, x, grid, correction)
+    if bool((grid.alpha <= 0).any()):
+        raise ValueError("DPM-Solver needs alpha > 0 (a finite log-SNR) at every grid point; a grid that starts "
+                         "at pure noise (alpha = 0, e.g. a flow-matching grid) needs sample_flow_euler or sample_ddim")
     n = grid.num_steps
     lam = grid.lambdas
     orders = _dpm_orders(n, order, lower_order_final, float(grid.sigma[-1]) == 0.0)
