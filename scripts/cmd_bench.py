@@ -288,6 +288,10 @@ def _register_posterior(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--timing-pipeline", action="store_true",
                    help="also time PSLD and STSL through the diffusers pipeline (random-init latent model)")
     q.add_argument("--write-benchmarks", metavar="FILE", help="replace the <!-- bench:posterior --> section")
+    q.add_argument("--notes", metavar="FILE", help="Markdown inserted after the section's protocol paragraph")
+    q.add_argument("--compare", help="paired comparisons base@steps:other@steps,... "
+                                     "(default psld@1000:stsl@20,psld@1000:stsl@50)")
+    q.add_argument("--tuning", metavar="FILE", help="also summarise the rows of a (held-out) tuning run")
     q.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     q.add_argument("--quick", action="store_true", help="seconds-long smoke run (d_x 8, d_y 1, 2 replicates, "
                                                         "5 and 10 steps, 200 samples)")

@@ -1,0 +1,132 @@
+"""The grid-GMM posterior benchmark: exact posterior helper, batched operator, runner, tables, CLI."""
+
+import math
+
+import pytest
+import torch
+
+from hessdiff.eval.bench_posterior import (
+    GridPosterior,
+    StackedMatrixOperator,
+    compare,
+    format_markdown,
+    load_rows,
+    run_posterior_benchmark,
+)
+from hessdiff.samplers.gmm import GaussianMixture, grid_gmm_problem
+from hessdiff.scripts.cli import main as cli_main
+from hessdiff.tasks.operators import MatrixOperator
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("d_x,d_y,sigma", [(8, 2, 0.1), (8, 1, 0.01), (80, 4, 1.0)])
+def test_grid_posterior_matches_the_general_mixture_posterior(d_x, d_y, sigma):
+    p = grid_gmm_problem(d_x, d_y, 3, sigma_y=sigma)
+    ref = p.posterior()
+    gp = GridPosterior(p.prior.weights, p.prior.means, p.A, p.y, sigma)
+    torch.testing.assert_close(gp.weights, ref.weights, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gp.means, ref.means, rtol=1e-9, atol=1e-9)
+    xs = ref.sample(40, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(gp.responsibilities(xs), ref.responsibilities(xs), rtol=1e-6, atol=1e-9)
+
+
+def test_grid_posterior_sampler_has_the_exact_moments():
+    """One component: Matheron draws have mean m and covariance P = I - Aᵀ(σ²I + AAᵀ)⁻¹A."""
+    p = grid_gmm_problem(8, 2, 0, sigma_y=0.3)
+    mu = torch.randn(1, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = GaussianMixture(torch.ones(1), mu).posterior(p.A, p.y, 0.3)
+    gp = GridPosterior(torch.ones(1), mu, p.A, p.y, 0.3)
+    n = 40_000
+    x = gp.sample(n, torch.Generator().manual_seed(2))
+    cov = ref.covariances()[0]
+    se_mean = (torch.diagonal(cov) / n).sqrt()
+    assert bool(((x.mean(0) - ref.means[0]).abs() <= 4.5 * se_mean).all())
+    # entrywise sd of a sample covariance: sqrt((C_ii C_jj + C_ij^2) / n)
+    se_cov = ((torch.diagonal(cov)[:, None] * torch.diagonal(cov)[None] + cov**2) / n).sqrt()
+    assert bool(((torch.cov(x.T) - cov).abs() <= 4.5 * se_cov).all())
+
+
+def test_stacked_operator_matches_per_block_matrix_operators():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 2, 5, generator=g, dtype=torch.float64)
+    op = StackedMatrixOperator(A, repeats=4)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(12, 2, generator=g, dtype=torch.float64)
+    for p in range(3):
+        ref = MatrixOperator(A[p])
+        sl = slice(4 * p, 4 * p + 4)
+        torch.testing.assert_close(op(x)[sl], ref(x[sl]))
+        torch.testing.assert_close(op.adjoint(y)[sl], ref.adjoint(y[sl]))
+        torch.testing.assert_close(op.pinv(y)[sl], ref.pinv(y[sl]))
+    assert op.output_shape((12, 5)) == (12, 2)
+    with pytest.raises(ValueError, match="batch of 12"):
+        op(x[:5])
+
+
+def test_runner_rows_resume_and_tables(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    kw = dict(dims=[8], measurement_dims=[1], sigmas=[0.1], replicates=[0, 1], steps=[4], num_samples=60,
+              num_projections=50, out_path=out)
+    rows = run_posterior_benchmark(**kw)
+    assert {(r["method"], r["steps"]) for r in rows} == {("exact", 0), ("dps", 4), ("latent_dps", 4), ("psld", 4),
+                                                         ("stsl", 4)}
+    assert len(rows) == 10 and len(load_rows(out)) == 10
+    for r in rows:
+        assert math.isfinite(r["sw1"]) and 0 <= r["tv"] <= 1 and r["mean_err"] >= 0
+    stsl = next(r for r in rows if r["method"] == "stsl")
+    assert (stsl["nfe"], stsl["network_forward"], stsl["network_backward"]) == (12, 28, 24)
+    assert run_posterior_benchmark(**kw) == []  # resumed: nothing left to do
+    text = format_markdown(load_rows(out))
+    assert "| 8 | 1 | 2 |" in text and "stsl @4" in text and "NFE (paper)" in text
+    cmp = compare(rows, ("psld", 4), ("stsl", 4))
+    assert "| 8 | 1 | 0.1 | 2 |" in cmp and "of 1 settings" in cmp  # one (d_x, d_y, sigma), 2 replicates
+
+
+def test_cli_quick_and_bad_options(tmp_path, capsys):
+    out = tmp_path / "q.jsonl"
+    md = tmp_path / "B.md"
+    assert cli_main(["bench", "posterior", "--quick", "--out", str(out), "--write-benchmarks", str(md)]) == 0
+    text = md.read_text()
+    assert text.count("<!-- bench:posterior -->") == 1 and "stsl @10" in text
+    assert cli_main(["bench", "posterior", "--dims", "9", "--out", str(out)]) == 2
+    assert "d_x in" in capsys.readouterr().err
+    assert cli_main(["bench", "posterior", "--methods", "p2l", "--out", str(out)]) == 2
+
+
+def test_method_specs():
+    from hessdiff.eval.bench_posterior import method_from_spec
+
+    m = method_from_spec("stsl[eta=0;inner_steps=5;init_mode=inversion]")
+    assert m.name == "stsl[eta=0;inner_steps=5;init_mode=inversion]"
+    assert "eta=0" in m.settings and "inner_steps=5" in m.settings and "init_mode=inversion" in m.settings
+    assert "omega=1.0" in method_from_spec("psld").settings
+    with pytest.raises(ValueError, match="no setting 'zeta'"):
+        method_from_spec("psld[zeta=1]")
+    with pytest.raises(ValueError, match="unknown method"):
+        method_from_spec("p2l")
+
+
+def test_timing_helpers():
+    from hessdiff.eval.bench_posterior import (
+        format_pipeline_timing,
+        format_timing,
+        time_interleaved,
+        time_latent_pipeline,
+    )
+
+    rows = time_interleaved([("psld", 5), ("stsl", 2)], d_x=8, d_y=1, sigmas=[0.1], replicates=[0], num_samples=20,
+                            repeats=2)
+    assert len(rows) == 4 and all(r["wall_s"] > 0 and r["batch"] == 20 for r in rows)
+    text = format_timing(rows, base=("psld", 5))
+    assert "| 8 | 1 | 20 | stsl | 2 | 6 | 14 | 12 | 2 |" in text and "1.00x" in text
+    prow = time_latent_pipeline((("psld", 1, 1000), ("stsl", 1, 50)), repeats=1, image_size=32)
+    assert [r["nfe_full"] for r in prow] == [1000, 250]
+    assert prow[0]["per_step"]["encoder_backward"] == 1 and prow[1]["per_step"]["network_forward"] == 11
+    assert "psld | 1000 | 1000 |" in format_pipeline_timing(prow)
