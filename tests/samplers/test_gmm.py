@@ -16,7 +16,14 @@ from hessdiff.samplers.gmm import (
     grid_gmm_seed,
 )
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """These oracle tests build tensors in float64; restore the default afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _mixture(kind: str, d: int = 4, K: int = 3, seed: int = 0) -> GaussianMixture:
