@@ -16,10 +16,19 @@ from collections.abc import Sequence
 #: sub-command modules, in the order ``--help`` lists them
 COMMAND_MODULES: tuple[str, ...] = (
     "hessdiff.scripts.cmd_bench",
+    "hessdiff.scripts.cmd_degrade",
+    "hessdiff.scripts.cmd_sweep",
+    "hessdiff.scripts.cmd_eval",
+    "hessdiff.scripts.cmd_restore",
+    "hessdiff.scripts.cmd_sample",
 )
 
 EPILOG = """examples:
+  hessdiff restore assets/examples/mnist_test_150_digit3.png --task box-inpainting --param box_size=10 --out runs/digit3
+  hessdiff sample --sampler dpm++ --steps 20 --seeds 0-15 --out runs/samples
+  hessdiff degrade photo.png --preset dps-256 --task gaussian_blur --seed 0 --out runs/blurred
   hessdiff bench gmm-prior --quick          # solver error vs NFE on exact Gaussian-mixture priors
+  hessdiff sweep mnist-quick --out runs/sweep
   hessdiff <command> --help                 # options of one command
 """
 

@@ -1,0 +1,497 @@
+"""Helpers shared by the ``hessdiff`` sub-commands that run a diffusion model (``restore``, ``sample``).
+
+* argument parsing: :func:`parse_device`, :func:`parse_dtype`, :func:`parse_seeds`, :func:`parse_key_values`;
+* model loading with clear errors (:func:`load_model_for_cli`), from an embedded name, a local diffusers
+  folder or a Hugging Face hub id; :func:`model_from_pipeline` wraps an in-memory diffusers pipeline;
+  :func:`text_conditioning` encodes a prompt for text-conditional UNets (Stable Diffusion);
+* output folders that are checked *before* any work and written all-or-nothing (:class:`OutputDir`,
+  on top of :func:`hessdiff.tasks.io.atomic_write_many`);
+* pictures: :func:`to_rgb_uint8`, :func:`upscale_nearest`, :func:`image_grid`, :func:`labelled_row`;
+* :class:`StepProgress`, a tqdm bar driven by a sampler's ``callback``.
+
+Every user error raises :class:`~hessdiff.scripts.cli.CLIError` (exit code 2) with a message naming the
+problem. Heavy libraries (diffusers, transformers, PIL, tqdm) are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hessdiff.scripts.cli import CLIError
+
+__all__ = [
+    "DTYPES",
+    "parse_device",
+    "parse_dtype",
+    "parse_seeds",
+    "parse_key_values",
+    "set_threads",
+    "load_model_for_cli",
+    "model_from_pipeline",
+    "text_conditioning",
+    "make_denoiser",
+    "make_autoencoder",
+    "OutputDir",
+    "png_writer",
+    "to_rgb_uint8",
+    "upscale_nearest",
+    "image_grid",
+    "labelled_row",
+    "StepProgress",
+]
+
+#: ``--dtype`` names -> torch dtypes (the network's dtype; guidance and solver arithmetic stay float32)
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+# ================================================================================ arguments
+def parse_device(name: str) -> torch.device:
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` -> a usable device."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CLIError(f"--device {name!r} is not a device name (use auto, cpu, cuda, cuda:1, mps)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise CLIError(f"--device {name}: MPS is not available on this machine (use --device cpu)")
+    elif device.type != "cpu":
+        raise CLIError(f"--device {name!r}: unsupported device type {device.type!r} (use auto, cpu, cuda, mps)")
+    return device
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``float32`` / ``float16`` / ``bfloat16`` (or ``fp32``, ``fp16``, ``half``, ``bf16``) -> torch dtype."""
+    key = (name or "float32").strip().lower()
+    if key not in DTYPES:
+        raise CLIError(f"--dtype {name!r} is not supported; choose float32, float16 or bfloat16")
+    return DTYPES[key]
+
+
+def parse_seeds(text: str, *, limit: int = 100_000) -> list[int]:
+    """``"0-15"``, ``"3"``, ``"0,4,7-9"`` -> the list of seeds (ranges inclusive, order kept, no repeats)."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            raise CLIError(f"--seeds {text!r}: empty entry (use e.g. 0-15 or 0,3,5-7)")
+        lo_s, sep, hi_s = part.partition("-")
+        try:
+            lo = int(lo_s)
+            hi = int(hi_s) if sep else lo
+        except ValueError:
+            raise CLIError(f"--seeds {text!r}: {part!r} is not a seed or a range A-B of non-negative "
+                           "integers") from None
+        if lo < 0 or hi < lo:
+            raise CLIError(f"--seeds {text!r}: the range {part!r} is empty or negative")
+        if hi - lo + 1 + len(seeds) > limit:
+            raise CLIError(f"--seeds {text!r}: more than {limit} seeds")
+        seeds.extend(range(lo, hi + 1))
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise CLIError(f"--seeds {text!r}: seed(s) {dup} given more than once")
+    return seeds
+
+
+def parse_key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
+    """``["k=v", ...]`` -> dict; a value is read as JSON when it parses (numbers, true/false/null, lists),
+    otherwise kept as a string. ``flag`` names the option in error messages."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise CLIError(f"{flag} expects KEY=VALUE; got {item!r}")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key] = value
+    return out
+
+
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` after checking it is positive (None: leave torch's choice)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise CLIError(f"--threads must be a positive integer, got {threads}")
+    torch.set_num_threads(int(threads))
+
+
+# ================================================================================ models
+def load_model_for_cli(name_or_path: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """:func:`hessdiff.samplers.models.load_model` with user-facing errors, moved to ``device`` / ``dtype``.
+
+    An embedded name or a local folder never touches the network; a hub id without network access
+    (``HF_HUB_OFFLINE=1`` or no connection) raises :class:`CLIError` saying so.
+    """
+    from hessdiff.samplers.models import ModelLoadError, load_model
+
+    try:
+        model = load_model(name_or_path)
+    except ModelLoadError as exc:
+        raise CLIError(f"--model {name_or_path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - corrupt weights, bad configs: diffusers raises many types
+        raise CLIError(f"--model {name_or_path}: cannot load the model: {type(exc).__name__}: {exc}") from exc
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # diffusers warns on every ``to(dtype=...)``, even a no-op one
+    try:
+        for net in (model.unet, model.vae):
+            if net is not None:
+                net.to(device)
+                if dtype != torch.float32:
+                    net.to(dtype)
+    finally:
+        dlogging.set_verbosity(level)
+    return model
+
+
+def model_from_pipeline(pipe: Any, source: str = "pipeline") -> Any:
+    """A :class:`~hessdiff.samplers.models.DiffusionModel` from an in-memory diffusers pipeline.
+
+    Uses the pipeline's ``unet``, ``scheduler`` and, when present, ``vae`` (then the UNet works on
+    ``vae.config.scaling_factor * z``); the image resolution is the UNet's sample size times the
+    VAE's downsampling factor.
+    """
+    from hessdiff.samplers.models import DiffusionModel
+
+    unet = getattr(pipe, "unet", None)
+    scheduler = getattr(pipe, "scheduler", None)
+    if unet is None or scheduler is None:
+        raise ValueError(f"{type(pipe).__name__} has no unet and scheduler; hessdiff needs both")
+    vae = getattr(pipe, "vae", None)
+    size = unet.config.sample_size
+    side = int(size if isinstance(size, int) else size[0])
+    if vae is not None:
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        return DiffusionModel(unet=unet.eval().requires_grad_(False), scheduler=scheduler,
+                              vae=vae.eval().requires_grad_(False),
+                              vae_scaling_factor=float(vae.config.scaling_factor), resolution=side * factor,
+                              channels=int(vae.config.in_channels), source=source)
+    return DiffusionModel(unet=unet.eval().requires_grad_(False), scheduler=scheduler, resolution=side,
+                          channels=int(unet.config.in_channels), source=source)
+
+
+def _needs_text(model: Any) -> bool:
+    return getattr(model.unet.config, "cross_attention_dim", None) is not None
+
+
+def _model_root(source: str) -> Path:
+    """Folder that holds the pipeline's sub-folders (local path, or the hub snapshot of the text parts)."""
+    from hessdiff.samplers.models import _resolve_local
+
+    local = _resolve_local(source)
+    if local is not None:
+        return local
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "tokenizer/*", "text_encoder/config.json",
+                "text_encoder/model.safetensors", "text_encoder/*.json"]
+    return Path(snapshot_download(source, allow_patterns=patterns))
+
+
+def text_conditioning(model: Any, prompt: str, negative_prompt: str = "") -> tuple[Tensor, Tensor] | None:
+    """``(prompt, negative)`` text-encoder hidden states for a text-conditional UNet, or None.
+
+    Reads ``tokenizer/`` and ``text_encoder/`` (a CLIP text model) from the model's folder or hub
+    snapshot; both prompts are padded to the tokenizer's maximum length, as diffusers' Stable
+    Diffusion pipelines do. Raises :class:`CLIError` when they are missing.
+    """
+    if not _needs_text(model):
+        if prompt:
+            raise CLIError(f"--prompt given, but {model.source or 'the model'} is not text-conditional")
+        return None
+    try:
+        from hessdiff.samplers.models import ModelLoadError
+
+        root = _model_root(model.source)
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        tok_dir, enc_dir = root / "tokenizer", root / "text_encoder"
+        if not tok_dir.is_dir() or not enc_dir.is_dir():
+            raise CLIError(f"{model.source}: a text-conditional UNet needs tokenizer/ and text_encoder/ next to "
+                           f"unet/ (looked in {root})")
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        encoder = CLIPTextModel.from_pretrained(str(enc_dir), local_files_only=True).eval()
+    except CLIError:
+        raise
+    except ModelLoadError as exc:
+        raise CLIError(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - transformers / hub raise many types
+        raise CLIError(f"{model.source}: cannot load the text encoder: {type(exc).__name__}: {exc}") from exc
+    device = next(model.unet.parameters()).device
+    encoder.to(device)
+
+    def encode(text: str) -> Tensor:
+        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        with torch.no_grad():
+            return encoder(ids)[0].float()
+
+    return encode(prompt), encode(negative_prompt)
+
+
+def make_denoiser(model: Any, *, prompt: str = "", negative_prompt: str = "", guidance_scale: float = 1.0) -> Any:
+    """The model's UNet behind the denoiser contract (:class:`hessdiff.samplers.UNetDenoiser`).
+
+    Text-conditional UNets get the prompt's hidden states (the empty prompt when none is given) and,
+    with ``guidance_scale != 1``, classifier-free guidance against ``negative_prompt``.
+    """
+    from hessdiff.samplers.denoiser import UNetDenoiser
+
+    cond = text_conditioning(model, prompt, negative_prompt)
+    if cond is None:
+        if guidance_scale != 1.0:
+            raise CLIError("--guidance-scale needs a text-conditional model (e.g. Stable Diffusion)")
+        return UNetDenoiser.from_unet_and_scheduler(model.unet, model.scheduler)
+    pos, neg = cond
+    if guidance_scale == 1.0:
+        return UNetDenoiser.from_unet_and_scheduler(model.unet, model.scheduler, encoder_hidden_states=pos)
+    return UNetDenoiser.from_unet_and_scheduler(model.unet, model.scheduler, encoder_hidden_states=pos,
+                                                negative_encoder_hidden_states=neg, guidance_scale=guidance_scale)
+
+
+def make_autoencoder(model: Any) -> Any:
+    """The latent posterior samplers' ``autoencoder`` for a latent model:
+    :class:`hessdiff.samplers.pipeline.VAEAutoencoder` (float32 outputs whatever the VAE's dtype)."""
+    if model.vae is None:
+        raise ValueError(f"{model.source or 'this model'} is a pixel-space model and has no VAE")
+    from hessdiff.samplers.pipeline import VAEAutoencoder
+
+    return VAEAutoencoder(model.vae, scaling_factor=model.vae_scaling_factor)
+
+
+# ================================================================================ output folders
+class OutputDir:
+    """An output folder checked before any work and written all-or-nothing.
+
+    :meth:`prepare` refuses an ``--out`` that is a file, target files that already exist (unless
+    ``overwrite``), and a folder that cannot be created or written (it creates the missing folders and
+    writes and removes a probe file). :meth:`write` writes every file to a temporary name and renames
+    them into place only when all succeeded (:func:`hessdiff.tasks.io.atomic_write_many`).
+    :meth:`discard` removes the folders :meth:`prepare` created if they are still empty, so a failed
+    run leaves nothing behind.
+    """
+
+    def __init__(self, path: str | os.PathLike, names: Iterable[str], *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.names = list(names)
+        self.overwrite = overwrite
+        self.created: list[Path] = []
+
+    def target(self, name: str) -> Path:
+        return self.path / name
+
+    def prepare(self) -> None:
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise CLIError(f"--out {out} exists and is not a folder")
+        if not self.overwrite and out.is_dir():
+            existing = [str(self.target(n)) for n in self.names if self.target(n).exists()]
+            if existing:
+                shown = ", ".join(existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
+                raise CLIError(f"refusing to overwrite {shown}; choose another --out or pass --overwrite")
+        # create the missing folders (remembered so that a failed run removes them again)
+        missing: list[Path] = []
+        p = out
+        while not p.exists():
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+        if p.exists() and not p.is_dir():
+            raise CLIError(f"cannot create the output folder {out}: {p} is a file, not a folder")
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except OSError as exc:
+                self.discard()
+                raise CLIError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
+            self.created.append(d)
+        if not os.access(out, os.W_OK | os.X_OK):
+            self.discard()
+            raise CLIError(f"the output folder {out} is not writable")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".hessdiff-write-test.", dir=out)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as exc:
+            self.discard()
+            raise CLIError(f"the output folder {out} is not writable: {exc.strerror or exc}") from exc
+
+    def write(self, writers: dict[str, Callable[[Path], None]]) -> list[Path]:
+        """Write ``{name: write(tmp_path)}`` into the folder atomically; returns the paths written."""
+        from hessdiff.tasks.io import atomic_write_many
+
+        unknown = [n for n in writers if n not in self.names]
+        if unknown:
+            raise ValueError(f"OutputDir.write: {unknown} were not declared to prepare()")
+        targets = {self.target(n): _readable(w) for n, w in writers.items()}
+        try:
+            atomic_write_many(targets, overwrite=self.overwrite)
+        except FileExistsError as exc:
+            raise CLIError(str(exc)) from exc
+        return list(targets)
+
+    def discard(self) -> None:
+        """Remove the folders :meth:`prepare` created, deepest first, where they are empty."""
+        for d in reversed(self.created):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        self.created = []
+
+
+def _readable(write: Callable[[Path], None]) -> Callable[[Path], None]:
+    """Wrap a writer so that its file gets the permissions of a newly created file (``0o666 & ~umask``)
+    instead of the ``0o600`` of the temporary file it is written to."""
+
+    def wrapped(tmp: Path) -> None:
+        write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+
+    return wrapped
+
+
+def png_writer(picture: np.ndarray) -> Callable[[Path], None]:
+    """A writer for :meth:`OutputDir.write`: the uint8 ``[H, W]`` or ``[H, W, 3]`` array as a PNG."""
+
+    def write(tmp: Path) -> None:
+        from PIL import Image
+
+        Image.fromarray(picture).save(tmp, format="PNG")
+
+    return write
+
+
+# ================================================================================ pictures
+def to_rgb_uint8(x: Tensor) -> np.ndarray:
+    """One image ``[1, C, H, W]`` / ``[C, H, W]`` in [-1, 1] (C = 1 or 3) -> uint8 ``[H, W, 3]``,
+    with the fixed mapping ``round((clamp(x, -1, 1) + 1) * 127.5)`` (never a per-image min-max)."""
+    from hessdiff.tasks.io import image_to_uint8
+
+    arr = image_to_uint8(x.detach().float().cpu())
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+def upscale_nearest(arr: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of an ``[H, W, ...]`` array by an integer ``factor`` (pixels stay sharp)."""
+    if factor <= 1:
+        return arr
+    return np.repeat(np.repeat(arr, factor, axis=0), factor, axis=1)
+
+
+def _fit_factor(side: int, min_side: int) -> int:
+    return max(1, -(-int(min_side) // max(1, int(side))))
+
+
+def image_grid(pictures: Sequence[np.ndarray], *, ncols: int | None = None, min_tile: int = 64,
+               gap: int = 2) -> np.ndarray:
+    """Tile uint8 ``[H, W, 3]`` pictures (all the same size) into a grid, ``ncols`` columns (default: about
+    square), each upscaled by nearest neighbour to at least ``min_tile`` pixels, with ``gap`` white pixels."""
+    if not pictures:
+        raise ValueError("image_grid: no pictures")
+    h, w = pictures[0].shape[:2]
+    if any(p.shape != pictures[0].shape for p in pictures):
+        raise ValueError("image_grid: all pictures must have the same shape")
+    n = len(pictures)
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    f = _fit_factor(min(h, w), min_tile)
+    th, tw = h * f, w * f
+    grid = np.full((nrows * th + (nrows - 1) * gap, ncols * tw + (ncols - 1) * gap, 3), 255, dtype=np.uint8)
+    for k, p in enumerate(pictures):
+        r, c = divmod(k, ncols)
+        grid[r * (th + gap): r * (th + gap) + th, c * (tw + gap): c * (tw + gap) + tw] = upscale_nearest(p, f)
+    return grid
+
+
+def labelled_row(pictures: Sequence[np.ndarray], labels: Sequence[str], *, min_side: int = 128,
+                 gap: int = 4) -> np.ndarray:
+    """Pictures side by side (uint8 ``[H_i, W_i, 3]``), each upscaled by nearest neighbour to the height of
+    the tallest one and to at least ``min_side`` pixels, with a caption strip above each."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if len(pictures) != len(labels) or not pictures:
+        raise ValueError("labelled_row: one label per picture")
+    height = max(max(p.shape[0] for p in pictures), min_side)
+    panels = []
+    for p in pictures:
+        f = _fit_factor(p.shape[0], height)
+        q = upscale_nearest(p, f)
+        if q.shape[0] != height:  # sizes that do not divide: resample the last bit with nearest neighbour
+            w = max(1, round(q.shape[1] * height / q.shape[0]))
+            q = np.asarray(Image.fromarray(q).resize((w, height), resample=Image.NEAREST))
+        panels.append(q)
+    caption = 16
+    total_w = sum(p.shape[1] for p in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (total_w, height + caption), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    x = 0
+    for p, label in zip(panels, labels, strict=True):
+        canvas.paste(Image.fromarray(p), (x, caption))
+        tw = draw.textlength(label, font=font)
+        draw.text((x + max(0, (p.shape[1] - tw) / 2), 2), label, fill=(0, 0, 0), font=font)
+        x += p.shape[1] + gap
+    return np.asarray(canvas)
+
+
+# ================================================================================ progress
+class StepProgress:
+    """A tqdm bar over sampling steps, advanced by a sampler's ``callback(i, t, x, pred)``; silent when
+    ``enabled`` is false. Writes to stderr, so that stdout keeps only the results."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+
+    def __call__(self, *args: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> StepProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
