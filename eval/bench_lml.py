@@ -1,0 +1,584 @@
+"""The LML benchmark: what the published correction does, how well the Hessian variants approximate
+the exact Hessian, sample quality against NFE, and wall-clock overhead.
+
+Four parts, each a function returning plain row dicts plus a Markdown formatter:
+
+* :func:`identity_rows` -- the published correction in float64 against the base sampler (relative
+  difference of the final samples), and the float32 deviation per step against the rounding law
+  ``3.4e-8 |g|^2 / lamb`` (:func:`~hessdiff.samplers.lml.lml_rounding_law`), on the grid mixtures.
+* :func:`hessian_error_rows` -- each curvature estimate against the exact mixture Hessian along a
+  DPM-Solver++(1) trajectory: relative operator-norm error ``|H_hat - H|_2 / |H|_2`` and relative
+  error along the update direction ``|(H_hat - H) e| / |H e|`` (``e = eps_hat``), by rank and noise level.
+* :func:`quality_rows` -- the prior benchmark of :mod:`hessdiff.eval.bench_gmm`
+  (:func:`~hessdiff.eval.bench_gmm.run_prior_benchmark`, same problems, protocol and metrics) with
+  the LML methods of :func:`lml_methods`, at matched NFE (JVPs counted as network evaluations:
+  a method with ``j`` JVPs runs ``NFE - j`` solver steps) and, for the JVP methods, also with JVPs
+  not counted (suffix ``+jvp``: ``NFE`` steps plus the JVPs).
+* :func:`overhead_rows` -- wall-clock time per step of base vs corrected solvers with a small
+  random-init ``UNet2DModel`` on CPU, in the same process, interleaved repeats, medians.
+
+:func:`goal_rows` summarises the quality table: for every mixture and NFE <= 10, the best base
+solver against the best LML method (relative improvement, and whether it exceeds 10 % and twice the
+seed spread). ``python -m hessdiff.eval.bench_lml`` / ``hessdiff bench lml`` run it from the shell.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hessdiff.eval.bench_gmm import (
+    Method,
+    default_methods,
+    default_problems,
+    grid_gmm_prior_problem,
+    make_grid,
+    run_prior_benchmark,
+)
+from hessdiff.samplers.denoiser import CountingDenoiser
+from hessdiff.samplers.gmm import GMMDenoiser, default_gmm_schedule
+from hessdiff.samplers.lml import (
+    HessianStepCorrection,
+    LMLCorrection,
+    MatchedNoiseCorrection,
+    NewtonLangevinCorrector,
+    SecantCurvature,
+    exact_curvature,
+    jvp_curvature,
+    lml_rounding_law,
+    published_lambda,
+)
+from hessdiff.samplers.lowrank import flat
+from hessdiff.samplers.solvers import StepContext, sample_dpm_solver
+
+__all__ = [
+    "BASES",
+    "VARIANTS",
+    "Variant",
+    "DEFAULT_SET",
+    "FastIsotropicGMM",
+    "published_lambda_for",
+    "lml_methods",
+    "identity_rows",
+    "hessian_error_rows",
+    "quality_rows",
+    "overhead_rows",
+    "goal_rows",
+    "format_identity",
+    "format_hessian",
+    "format_overhead",
+    "format_goal",
+]
+
+#: the base solvers of the issue (names as in :func:`hessdiff.eval.bench_gmm.default_methods`)
+BASES: tuple[str, ...] = ("ddim", "dpm-3", "dpm++2m", "dpm++3m")
+
+
+def _seed_of(x: Tensor) -> int:
+    """A deterministic seed from the start batch (stochastic methods then repeat exactly per seed)."""
+    return zlib.crc32(x.detach().to(torch.float64).cpu().numpy().tobytes()[:4096])
+
+
+def published_lambda_for(nfe: int, dim: int) -> float:
+    """The README's CIFAR-10 ``lamb`` at this NFE, scaled by ``dim / 3072``: for a unit-variance update
+    vector (DDIM's noise estimate, DPM-Solver's noise-form increment) this keeps ``|g|^2 / lamb``, and so
+    the size of the float32 effect, as in the published CIFAR-10 setting."""
+    return published_lambda("cifar10", nfe) * dim / 3072
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An LML method on top of a base solver.
+
+    ``correction(nfe, seed, dim)`` / ``corrector(nfe, generator)`` build the hooks (either may be None);
+    ``extra(n)`` is the number of network evaluations beyond the ``n`` solver steps (JVPs and
+    corrector evaluations), used to match budgets.
+    """
+
+    doc: str
+    correction: Callable[[int, int, int], Any] | None = None
+    corrector: Callable[[int, torch.Generator], Any] | None = None
+    extra: Callable[[int], int] = field(default=lambda n: 0)
+
+
+VARIANTS: dict[str, Variant] = {
+    "lml32": Variant("the published correction, float32 arithmetic, README lambda of DPM-Solver-3 on CIFAR-10 "
+                     "at this NFE scaled by d / 3072 (published_lambda_for); samples where the float32 "
+                     "arithmetic gives 0/0 (NaN in the released code) are left uncorrected",
+                     lambda nfe, seed, d: LMLCorrection(published_lambda_for(nfe, d), 0.0, "float32", "keep")),
+    "lml64": Variant("the published operator in float64 (the identity)",
+                     lambda nfe, seed, d: LMLCorrection(published_lambda_for(nfe, d), 0.0, "float64")),
+    "noise": Variant("control: random perturbation of the float32 correction's size",
+                     lambda nfe, seed, d: MatchedNoiseCorrection(published_lambda_for(nfe, d), seed=seed)),
+    "sec1": Variant("secant curvature (rank 1, zero NFE), Gaussian step at every step",
+                    lambda nfe, seed, d: HessianStepCorrection("secant", 1, adaptive=False)),
+    "sec1-ad": Variant("secant curvature (rank 1, zero NFE), gain-ratio damping",
+                       lambda nfe, seed, d: HessianStepCorrection("secant", 1, adaptive=True)),
+    "sec1-last": Variant("secant curvature, last step only (zero NFE)",
+                         lambda nfe, seed, d: HessianStepCorrection("secant", 1, only="last", adaptive=False)),
+    "jvp2-first": Variant("2 JVPs (Lanczos from eps_hat) at the first step: local-Gaussian first step",
+                          lambda nfe, seed, d: HessianStepCorrection("jvp", 2, only="first"), extra=lambda n: 2),
+    "jvp2-first-ad": Variant("2 JVPs at the first step, transported to later steps, gain-ratio damping",
+                             lambda nfe, seed, d: HessianStepCorrection("jvp", 2, refresh="first", adaptive=True),
+                             extra=lambda n: 2),
+    "jvp2-every": Variant("2 JVPs at every step, Gaussian step",
+                          lambda nfe, seed, d: HessianStepCorrection("jvp", 2, adaptive=False),
+                          extra=lambda n: 2 * n),
+    "jvp2-lm": Variant("Levenberg-Marquardt preconditioning of the update, 2-JVP Hessian, lambda = 1",
+                       lambda nfe, seed, d: HessianStepCorrection("jvp", 2, mode="lm", damping=1.0, adaptive=False),
+                       extra=lambda n: 2 * n),
+    "nl-jvp2": Variant("Newton-Langevin corrector after every step (1 evaluation + 2 JVPs, OU step 0.5, "
+                       "lambda = 1)",
+                       corrector=lambda nfe, gen: NewtonLangevinCorrector("jvp", 2, step_size=0.5, damping=1.0,
+                                                                          generator=gen),
+                       extra=lambda n: 3 * (n - 1)),
+    "langevin": Variant("plain Langevin corrector after every step (M = sigma^2 / 2, 1 evaluation, OU step 0.5)",
+                        corrector=lambda nfe, gen: NewtonLangevinCorrector("none", step_size=0.5, damping=1.0,
+                                                                           generator=gen),
+                        extra=lambda n: n - 1),
+}
+
+#: the method set of the published benchmark: ``(base, variant, jvp_free)`` triples
+DEFAULT_SET: tuple[tuple[str, str, bool], ...] = tuple(
+    [(b, v, False) for b in ("ddim", "dpm-3") for v in ("lml32", "noise")]
+    + [(b, v, False) for b in ("ddim", "dpm-3", "dpm++2m") for v in ("sec1-ad", "jvp2-first")]
+    + [(b, "jvp2-first-ad", False) for b in ("dpm-3", "dpm++2m")]
+    + [("dpm++3m", "jvp2-first", False)]
+    + [("dpm++2m", v, False) for v in ("jvp2-every", "nl-jvp2")]
+    + [("dpm++2m", v, True) for v in ("jvp2-first", "jvp2-every", "jvp2-lm", "nl-jvp2")]
+    + [("dpm-3", "jvp2-first", True)]
+)
+
+
+def _steps_for_budget(nfe: int, extra: Callable[[int], int]) -> int | None:
+    """The most solver steps ``n`` with ``n + extra(n) <= nfe`` (None if not even one)."""
+    best = None
+    for n in range(1, nfe + 1):
+        if n + extra(n) <= nfe:
+            best = n
+    return best
+
+
+def lml_methods(
+    names: Sequence[str] | None = None,
+    *,
+    spacing: str = "trailing",
+    bases: Sequence[str] = BASES,
+    jvp_free: bool = True,
+    triples: Sequence[tuple[str, str, bool]] | None = None,
+) -> dict[str, Method]:
+    """Benchmark methods ``"<base>"`` and ``"<base>+<variant>"`` for :func:`run_prior_benchmark`.
+
+    Either ``names`` (keys of :data:`VARIANTS`, default all) on every base in ``bases``, or explicit
+    ``triples`` ``(base, variant, jvp_free)`` (e.g. :data:`DEFAULT_SET`; their bases are added to
+    ``bases``). A variant with extra evaluations (JVPs, corrector steps) at budget ``NFE`` runs the
+    largest number of steps ``n`` with ``n + extra(n) <= NFE`` on a grid of the same ``spacing``
+    (JVPs counted as network evaluations); its ``jvp_free`` form, named ``"<base>+<variant>+jvp"``,
+    runs ``NFE`` steps with the extra evaluations on top. A budget too small for one step yields
+    NaN samples (the benchmark then raises), so such combinations should not be requested.
+    """
+    base_fns = default_methods()
+    if triples is None:
+        names = list(VARIANTS) if names is None else list(names)
+        bad = [n for n in names if n not in VARIANTS]
+        if bad:
+            raise ValueError(f"unknown LML variant {bad[0]!r}; available: {', '.join(VARIANTS)}")
+        triples = [(b, v, False) for b in bases for v in names]
+        if jvp_free:
+            triples += [(b, v, True) for b in bases for v in names if VARIANTS[v].extra(2) > 0]
+    else:
+        bases = list(dict.fromkeys([*bases, *(t[0] for t in triples)]))
+    unknown = [b for b in bases if b not in base_fns]
+    if unknown:
+        raise ValueError(f"unknown base solver {unknown[0]!r}; available: {', '.join(base_fns)}")
+    bad = [t[1] for t in triples if t[1] not in VARIANTS]
+    if bad:
+        raise ValueError(f"unknown LML variant {bad[0]!r}; available: {', '.join(VARIANTS)}")
+    out: dict[str, Method] = {b: base_fns[b] for b in bases}
+    for b, v, free in triples:
+        name = f"{b}+{v}" + ("+jvp" if free else "")
+        out[name] = partial(_run_variant, base_fns[b], VARIANTS[v], spacing, not free)
+    return out
+
+
+class FastIsotropicGMM:
+    """The exact denoiser of a mixture with isotropic components, with an ``O(B K d)`` matmul JVP.
+
+    Forwards ``__call__``/``schedule``/everything else to a :class:`~hessdiff.samplers.gmm.GMMDenoiser`
+    and replaces ``jvp_x0`` by the closed form for ``Sigma_k = e_k I``: with ``v_k = alpha^2 e_k +
+    sigma^2``, ``s_k = (alpha mu_k - x) / v_k``, ``(grad^2 log p) u = sum_k r_k (s_k <s_k, u> - u / v_k)
+    - s <s, u>``, all through ``[B, K]`` matmuls (the general oracle forms ``[B, K, d]`` tensors, about
+    100x slower at d = 800). Same values to float64 rounding (tested).
+    """
+
+    def __init__(self, den: GMMDenoiser) -> None:
+        p = den.prior
+        if p.Q is not None or not bool((p.eig == p.eig[:, :1]).all()):
+            raise ValueError("FastIsotropicGMM needs isotropic components")
+        self.den, self.schedule = den, den.schedule
+
+    def __call__(self, x: Tensor, t: Any) -> Any:
+        return self.den(x, t)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.den, name)
+
+    def jvp_x0(self, x: Tensor, t: Any, v: Tensor) -> Tensor:
+        p = self.den.prior
+        f = flat(x).to(p.dtype)
+        u = flat(v).to(p.dtype)
+        a, s = (w.to(f.dtype)[:, None] for w in self.den.alpha_sigma(x, t))
+        var = a**2 * p.eig[None, :, 0] + s**2  # [B, K]
+        mu = p.means
+        sq = (f * f).sum(-1, keepdim=True) - 2 * a * (f @ mu.T) + a**2 * (mu**2).sum(-1)[None]
+        r = torch.softmax(p.weights.log() - 0.5 * (sq / var + p.dim * var.log()), dim=-1)
+        rv = r / var
+        score = a * (rv @ mu) - f * rv.sum(-1, keepdim=True)
+        c = (a * (u @ mu.T) - (f * u).sum(-1, keepdim=True)) / var  # <s_k, u>
+        rcv = r * c / var
+        hu = a * (rcv @ mu) - f * rcv.sum(-1, keepdim=True) - u * rv.sum(-1, keepdim=True) \
+            - score * (score * u).sum(-1, keepdim=True)
+        return ((u + s**2 * hu) / a).reshape(x.shape).to(x.dtype)
+
+
+def _fast(den: Any) -> Any:
+    if isinstance(den, GMMDenoiser):
+        p = den.prior
+        if p.Q is None and bool((p.eig == p.eig[:, :1]).all()):
+            return FastIsotropicGMM(den)
+    return den
+
+
+def _run_variant(base: Method, var: Variant, spacing: str, matched: bool, den: Any, x: Tensor,
+                 grid: Any) -> Tensor:
+    nfe = grid.num_steps
+    den = _fast(den)
+    if matched and var.extra(2) > 0:
+        n = _steps_for_budget(nfe, var.extra)
+        if n is None:
+            return torch.full_like(x, float("nan"))
+        grid = make_grid(den.schedule, n, spacing)
+    seed = _seed_of(x)
+    kw: dict[str, Any] = {}
+    if var.correction is not None:
+        kw["correction"] = var.correction(nfe, seed, flat(x).shape[1])
+    if var.corrector is not None:
+        kw["corrector"] = var.corrector(nfe, torch.Generator().manual_seed(seed))
+    return base(den, x, grid, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. the published correction: identity in float64, rounding law in float32
+# ----------------------------------------------------------------------------------------------------
+class _Recorder:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.pairs: list[tuple[Tensor, Tensor]] = []
+
+    def reset(self) -> None:
+        self.inner.reset()
+        self.pairs.clear()
+
+    def __call__(self, g: Tensor, ctx: StepContext) -> Tensor:
+        out = self.inner(g, ctx)
+        self.pairs.append((g.detach().clone(), out.detach().clone()))
+        return out
+
+
+def identity_rows(dims: Sequence[int] = (8, 80, 800), nfe: int = 10, n_samples: int = 256, seed: int = 0,
+                  lambdas: Sequence[float] = (1e-4, 1e-3, 1e-2)) -> list[dict[str, Any]]:
+    """Float64 identity and float32 rounding law of the published correction, per base solver.
+
+    Rows: ``problem, method, lamb, f64_rel`` (``|x_LML64 - x_base| / |x_base|`` of the final float64
+    samples), ``f32_rel`` (the same for float32 samples, float32 correction vs float32 base),
+    ``law_ratio_median/q05/q95`` (median and 5 % / 95 % quantiles of the measured per-step
+    ``|g' - g| / |g|`` over the law, over all steps and samples where the law predicts between
+    1e-5 and 0.1), ``law_n`` (how many such pairs), ``nonfinite`` / ``corrected``: sample-steps
+    where the float32 arithmetic gives 0/0 (``lamb`` below the float32 resolution of ``|g|^2``; the
+    released code returns NaN there, here they are left uncorrected) out of all corrected ones.
+    """
+    rows = []
+    bases = default_methods()
+    for d in dims:
+        prob = grid_gmm_prior_problem(int(d))
+        den = GMMDenoiser(prob.prior)
+        grid = make_grid(den.schedule, nfe)
+        x = prob.prior.noised(float(grid.alpha[0]), float(grid.sigma[0])).sample(
+            n_samples, torch.Generator().manual_seed(seed))
+        for name in BASES:
+            solver = bases[name]
+            base64 = solver(den, x, grid)
+            base32 = solver(den, x.float(), grid).double()
+            for lamb in lambdas:
+                out64 = solver(den, x, grid, correction=LMLCorrection(lamb, 0.0, "float64"))
+                corr32 = LMLCorrection(lamb, 0.0, "float32", "keep")
+                rec = _Recorder(corr32)
+                out32 = solver(den, x.float(), grid, correction=rec).double()
+                f32 = float((out32 - base32).norm() / base32.norm())
+                ratios = []
+                for g, gc in rec.pairs:
+                    law = lml_rounding_law(g, lamb)
+                    law = torch.where(torch.isfinite(gc).all(1) & (gc != g).any(1), law, torch.zeros_like(law))
+                    rel = (gc.double() - g.double()).norm(dim=1) / g.double().norm(dim=1).clamp(min=1e-300)
+                    ok = (law > 1e-5) & (law < 0.1)
+                    ratios += (rel[ok] / law[ok]).tolist()
+                q = torch.tensor(ratios, dtype=torch.float64) if ratios else torch.full((1,), float("nan"))
+                lo, med, hi = (float(v) for v in torch.quantile(q, torch.tensor([0.05, 0.5, 0.95], dtype=q.dtype)))
+                rows.append({
+                    "problem": prob.name, "method": name, "lamb": lamb, "nfe": nfe,
+                    "f64_rel": float((out64 - base64).norm() / base64.norm()), "f32_rel": f32,
+                    "law_ratio_median": med, "law_ratio_q05": lo, "law_ratio_q95": hi, "law_n": len(ratios),
+                    "nonfinite": corr32.nonfinite_count, "corrected": corr32.count,
+                })
+    return rows
+
+
+def format_identity(rows: Sequence[Mapping[str, Any]]) -> str:
+    out = ["| problem | base | lambda | float64: rel. diff. of samples | float32: rel. diff. of samples | "
+           "float32 per-step change / law: median [5 %, 95 %] (pairs) | float32 0/0 (NaN in the released code) |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['problem']} | {r['method']} | {r['lamb']:g} | {r['f64_rel']:.1e} | {r['f32_rel']:.1e} | "
+                   f"{r['law_ratio_median']:.2f} [{r['law_ratio_q05']:.2f}, {r['law_ratio_q95']:.2f}] "
+                   f"({r['law_n']}) | {r['nonfinite']} / {r['corrected']} |")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Hessian approximation error against the exact mixture Hessian
+# ----------------------------------------------------------------------------------------------------
+def hessian_error_rows(dims: Sequence[int] = (8, 80, 800), ranks: Sequence[int] = (1, 2, 3, 4, 8),
+                       nfe: int = 10, n_samples: int = 8, seed: int = 0) -> list[dict[str, Any]]:
+    """Curvature estimates against the exact ``H = -grad^2 log p_t`` along a DPM-Solver++(1) run.
+
+    At every step of an ``nfe``-step trailing grid (states visited by the exact-denoiser sampler
+    from exact draws), for each estimator: ``op`` = ``|H_hat - H|_2 / |H|_2`` and ``dir`` =
+    ``|(H_hat - H) e| / |H e|`` with ``e = eps_hat`` (the update direction), averaged over samples.
+    Estimators: ``none`` (``H = I / sigma^2``, i.e. ``A = 0``), ``fisher`` (the rank-one
+    ``s s^T`` of the score, the published code's implicit choice), ``lanczos`` (``k`` JVPs from
+    ``eps_hat``), ``nystrom`` (``k`` random-probe JVPs), both with the ``min`` floor, and ``secant``
+    (rank ``k``, zero NFE, ``min`` floor). ``d x d`` matrices are formed, so keep ``d`` moderate.
+    """
+    rows: list[dict[str, Any]] = []
+    for d in dims:
+        prob = grid_gmm_prior_problem(int(d))
+        den = GMMDenoiser(prob.prior)
+        grid = make_grid(den.schedule, nfe)
+        x = prob.prior.noised(float(grid.alpha[0]), float(grid.sigma[0])).sample(
+            n_samples, torch.Generator().manual_seed(seed))
+        probe = _HessianProbe(den, prob.name, int(d), ranks, torch.Generator().manual_seed(seed + 1))
+        sample_dpm_solver(den, x, grid, order=1, algorithm="dpmsolver++", correction=probe)
+        rows += probe.rows
+    return rows
+
+
+class _HessianProbe:
+    """A pass-through correction that scores every curvature estimator at each visited state."""
+
+    def __init__(self, den: GMMDenoiser, name: str, d: int, ranks: Sequence[int], gen: torch.Generator) -> None:
+        self.den, self.name, self.d, self.ranks, self.gen = den, name, d, [k for k in ranks if k <= d], gen
+        self.secants = {k: SecantCurvature(k, "min") for k in self.ranks if k <= 3}
+        self.rows: list[dict[str, Any]] = []
+
+    def reset(self) -> None:
+        for sc in self.secants.values():
+            sc.reset()
+
+    def __call__(self, g: Tensor, ctx: StepContext) -> Tensor:
+        den, d = self.den, self.d
+        a, s = ctx.alpha, ctx.sigma
+        eps = flat(ctx.pred.eps)
+        y, rho = flat(ctx.x) / a, s / a
+        A = exact_curvature(den, ctx.x, ctx.t)
+        eye = torch.eye(d, dtype=A.dtype)
+        Hs = eye - A  # sigma^2 H
+        He = (Hs @ eps[..., None])[..., 0]
+        hn = torch.linalg.matrix_norm(Hs, ord=2)
+        ests: dict[tuple[str, int], Tensor] = {("none", 0): torch.zeros_like(A)}
+        ests[("fisher", 1)] = eye - eps[:, :, None] * eps[:, None, :]  # A_hat = I - sigma^2 s s^T
+        for k in self.ranks:
+            ests[("lanczos", k)] = jvp_curvature(den, ctx.x, ctx.t, a, k, method="lanczos", start=eps,
+                                                 floor="min").dense()
+            ests[("nystrom", k)] = jvp_curvature(den, ctx.x, ctx.t, a, k, method="nystrom", generator=self.gen,
+                                                 floor="min").dense()
+        for k, sc in self.secants.items():
+            sc.push(y, flat(ctx.pred.x0), rho)  # as HessianStepCorrection: the newest pair ends here
+            est = sc.estimate(rho)
+            if est is not None:
+                ests[("secant", k)] = est.dense()
+        for (est_name, k), Ah in ests.items():
+            D = Ah - A
+            op = torch.linalg.matrix_norm(D, ord=2) / hn
+            dr = (D @ eps[..., None])[..., 0].norm(dim=1) / He.norm(dim=1)
+            self.rows.append({"problem": self.name, "d": d, "step": ctx.i, "t": float(ctx.t), "sigma": s,
+                              "estimator": est_name, "rank": k, "op": float(op.mean()), "dir": float(dr.mean())})
+        return g
+
+
+def format_hessian(rows: Sequence[Mapping[str, Any]], steps: Sequence[int] | None = None) -> str:
+    """One table per problem: estimators down, noise levels across, ``op / dir`` relative errors."""
+    out = []
+    for prob in dict.fromkeys(r["problem"] for r in rows):
+        rs = [r for r in rows if r["problem"] == prob]
+        all_steps = sorted({int(r["step"]) for r in rs})
+        use = [s for s in all_steps if steps is None or s in steps]
+        sig = {int(r["step"]): (r["t"], r["sigma"]) for r in rs}
+        out.append(f"**{prob}** -- relative error `|H_hat - H|_2 / |H|_2` / along the update "
+                   f"`|(H_hat - H) eps| / |H eps|`, mean over samples\n")
+        out.append("| estimator | rank | " + " | ".join(f"t {sig[s][0]:.0f} (σ {sig[s][1]:.3g})" for s in use) + " |")
+        out.append("|---|---|" + "---|" * len(use))
+        keys = list(dict.fromkeys((r["estimator"], int(r["rank"])) for r in rs))
+        for name, k in keys:
+            cells = []
+            for s in use:
+                m = [r for r in rs if r["estimator"] == name and int(r["rank"]) == k and int(r["step"]) == s]
+                cells.append(f"{m[0]['op']:.2f} / {m[0]['dir']:.2f}" if m else "")
+            out.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. sample quality against NFE
+# ----------------------------------------------------------------------------------------------------
+def quality_rows(
+    variants: Sequence[str] | None = None,
+    nfes: Sequence[int] = (5, 6, 8, 10, 15, 20, 50),
+    dims: Sequence[int] = (8, 80, 800),
+    gaussian_dim: int | None = 3072,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    n_samples: int = 2000,
+    *,
+    spacing: str = "trailing",
+    bases: Sequence[str] = BASES,
+    jvp_free: bool = True,
+    triples: Sequence[tuple[str, str, bool]] | None = None,
+    num_projections: int = 1000,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The prior benchmark (:func:`~hessdiff.eval.bench_gmm.run_prior_benchmark`) with :func:`lml_methods`
+    (``triples`` overrides ``variants``/``bases``/``jvp_free``; :data:`DEFAULT_SET` is the published set)."""
+    methods = lml_methods(variants, spacing=spacing, bases=bases, jvp_free=jvp_free, triples=triples)
+    problems = default_problems(dims, gaussian_dim)
+    return run_prior_benchmark(methods, nfes, problems, seeds, n_samples, spacing=spacing,
+                               num_projections=num_projections, on_row=on_row)
+
+
+def goal_rows(rows: Sequence[Mapping[str, Any]], *, metric: str = "sw1", max_nfe: int = 10,
+              bases: Sequence[str] = BASES, exclude_jvp_free: bool = True) -> list[dict[str, Any]]:
+    """Best base solver vs best LML method per (problem, NFE <= max_nfe) on ``metric``.
+
+    ``improvement`` = ``(base - lml) / base`` of the seed means; ``spread`` = the larger of the two
+    seed standard deviations; ``met`` = improvement >= 10 % and ``base - lml > 2 spread``. Methods
+    with JVPs not counted (``+jvp``) are excluded unless ``exclude_jvp_free`` is False.
+    """
+    cells: dict[tuple[str, int, str], list[float]] = {}
+    for r in rows:
+        if r["metric"] != metric or r["method"] == "exact" or int(r["nfe"]) > max_nfe:
+            continue
+        if exclude_jvp_free and str(r["method"]).endswith("+jvp"):
+            continue
+        cells.setdefault((str(r["problem"]), int(r["nfe"]), str(r["method"])), []).append(float(r["value"]))
+    out = []
+    for prob, nfe in sorted({(p, n) for p, n, _ in cells}):
+        stats = {m: v for (p, n, m), v in cells.items() if p == prob and n == nfe}
+
+        def best(keys: list[str], stats: dict[str, list[float]] = stats) -> tuple[str, float, float]:
+            means = {m: statistics.fmean(stats[m]) for m in keys}
+            name = min(means, key=means.__getitem__)
+            v = stats[name]
+            return name, means[name], (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+        base_keys = [m for m in stats if m in bases]
+        lml_keys = [m for m in stats if m not in bases and "+" in m]
+        if not base_keys or not lml_keys:
+            continue
+        bn, bm, bs = best(base_keys)
+        ln, lm, ls = best(lml_keys)
+        imp = (bm - lm) / bm if bm > 0 else float("nan")
+        spread = max(bs, ls)
+        out.append({"problem": prob, "nfe": nfe, "base": bn, "base_mean": bm, "base_sd": bs, "lml": ln,
+                    "lml_mean": lm, "lml_sd": ls, "improvement": imp,
+                    "met": bool(imp >= 0.10 and (bm - lm) > 2 * spread)})
+    return out
+
+
+def format_goal(rows: Sequence[Mapping[str, Any]]) -> str:
+    out = ["| problem | NFE | best base | sw1 | best LML method | sw1 | improvement | >= 10 % and > 2 sd |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['problem']} | {r['nfe']} | {r['base']} | {r['base_mean']:.3f} ± {r['base_sd']:.3f} | "
+                   f"{r['lml']} | {r['lml_mean']:.3f} ± {r['lml_sd']:.3f} | {100 * r['improvement']:+.0f} % | "
+                   f"{'yes' if r['met'] else 'no'} |")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. wall-clock overhead
+# ----------------------------------------------------------------------------------------------------
+def small_unet(size: int = 32, seed: int = 0) -> Any:
+    """A small random-init ``UNet2DModel`` (``size x size`` RGB, channels 32/64, one attention level)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
+
+
+def overhead_rows(steps: int = 10, batch: int = 8, size: int = 32, repeats: int = 7,
+                  variants: Sequence[str] = ("lml32", "lml64", "sec1-ad", "jvp2-first"),
+                  bases: Sequence[str] = ("ddim", "dpm-3", "dpm++2m")) -> list[dict[str, Any]]:
+    """Seconds per step of each base solver and corrected variant on a small ``UNet2DModel``.
+
+    All runs share one process, model and start batch; repeats are interleaved (every method once
+    per round) and the median per method is reported with ``ratio`` = median / median of its base.
+    ``nfe`` counts network evaluations (JVPs of the ``jvp`` variants included, via
+    :class:`~hessdiff.samplers.denoiser.CountingDenoiser`).
+    """
+    from hessdiff.samplers.denoiser import UNetDenoiser
+
+    unet = small_unet(size)
+    den = CountingDenoiser(UNetDenoiser(unet, default_gmm_schedule()))
+    grid = den.schedule.grid(steps, "trailing", style="dpmsolver")
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    base_fns = default_methods()
+    runs: dict[str, tuple[str, Callable[[], Tensor]]] = {}
+    for b in bases:
+        runs[b] = (b, partial(base_fns[b], den, x, grid))
+        for v in variants:
+            runs[f"{b}+{v}"] = (b, partial(_run_variant, base_fns[b], VARIANTS[v], "trailing", False, den, x, grid))
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    nfe: dict[str, int] = {}
+    with torch.no_grad():
+        for _, fn in runs.values():  # warm-up
+            fn()
+        for _ in range(repeats):
+            for k, (_, fn) in runs.items():
+                den.nfe = 0
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) / steps)
+                nfe[k] = den.nfe
+    rows = []
+    for k, (b, _) in runs.items():
+        med = statistics.median(times[k])
+        rows.append({"method": k, "base": b, "s_per_step": med, "ratio": med / statistics.median(times[b]),
+                     "nfe": nfe[k], "steps": steps, "batch": batch, "size": size, "repeats": repeats,
+                     "threads": torch.get_num_threads()})
+    return rows
+
+
+def format_overhead(rows: Sequence[Mapping[str, Any]]) -> str:
+    out = ["| method | network evaluations | ms / step (median) | ratio to base |", "|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['method']} | {r['nfe']} | {1000 * r['s_per_step']:.1f} | {r['ratio']:.3f} |")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,271 @@
+"""``hessdiff bench lml``: the LML benchmark (see :mod:`hessdiff.eval.bench_lml`).
+
+Parts (``--parts``, default all): ``identity`` (the published correction in float64 vs the base
+sampler, and its float32 deviation vs the rounding law), ``hessian`` (curvature estimates vs the
+exact mixture Hessian), ``quality`` (sample error vs NFE with and without each correction, through
+:func:`hessdiff.eval.bench_gmm.run_prior_benchmark`, plus the >= 10 % goal summary), ``overhead``
+(wall clock per step on a small ``UNet2DModel`` on CPU). Tables are printed; ``--out`` appends the
+raw rows as JSON lines; ``--write-benchmarks FILE`` replaces the ``<!-- bench:lml -->`` section of
+a Markdown file (nothing outside the markers is touched).
+
+Registered by :mod:`hessdiff.scripts.cmd_bench` as a sub-benchmark; imports stay lazy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from hessdiff.scripts.cli import CLIError
+
+PARTS = ("identity", "hessian", "quality", "overhead")
+MARK_BEGIN = "<!-- bench:lml -->"
+MARK_END = "<!-- /bench:lml -->"
+
+FULL: dict[str, Any] = {"nfe": [5, 6, 8, 10, 15, 20, 50], "seeds": 5, "n_samples": 2000, "dims": [8, 80, 800],
+                        "gaussian_dim": 3072, "projections": 1000, "hessian_dims": [8, 80, 800], "repeats": 7}
+QUICK: dict[str, Any] = {"nfe": [5, 10], "seeds": 2, "n_samples": 300, "dims": [8], "gaussian_dim": 0,
+                         "projections": 200, "hessian_dims": [8], "repeats": 3}
+
+EPILOG = """examples:
+  hessdiff bench lml --quick                                   # a few minutes, all parts, small sizes
+  hessdiff bench lml --parts quality --threads 1 --out runs/lml.jsonl
+  hessdiff bench lml --threads 1 --write-benchmarks BENCHMARKS.md   # the full benchmark (hours on 1 core)
+"""
+
+
+def register_lml(sub: argparse._SubParsersAction) -> None:
+    """Add the ``lml`` parser to ``hessdiff bench``'s sub-parsers."""
+    g = sub.add_parser("lml", help="LML corrections: identity check, Hessian errors, quality vs NFE, overhead",
+                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("--parts", nargs="+", choices=PARTS, help="which parts to run (default: all)")
+    g.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    g.add_argument("--nfe", type=int, nargs="+", help=f"NFE budgets (default {FULL['nfe']})")
+    g.add_argument("--seeds", type=int, help=f"number of seeds (default {FULL['seeds']})")
+    g.add_argument("--first-seed", type=int, default=0,
+                   help="seeds are first-seed .. first-seed + N - 1 (to split a long run; default 0)")
+    g.add_argument("--n-samples", type=int, help=f"draws per run (default {FULL['n_samples']})")
+    g.add_argument("--dims", type=int, nargs="*", help=f"grid-mixture dimensions (default {FULL['dims']})")
+    g.add_argument("--gaussian-dim", type=int, help=f"CIFAR-like Gaussian dimension, 0 to skip "
+                                                    f"(default {FULL['gaussian_dim']})")
+    g.add_argument("--hessian-dims", type=int, nargs="*", help=f"dimensions of the Hessian-error part "
+                                                               f"(default {FULL['hessian_dims']})")
+    g.add_argument("--variants", nargs="+", help="LML variants of the quality part (default: all; see "
+                                                 "hessdiff.eval.bench_lml.VARIANTS)")
+    g.add_argument("--bases", nargs="+", help="base solvers (default: ddim dpm-3 dpm++2m dpm++3m)")
+    g.add_argument("--spacing", default="trailing", help="grid spacing (default trailing)")
+    g.add_argument("--projections", type=int, help=f"sliced-W1 directions (default {FULL['projections']})")
+    g.add_argument("--repeats", type=int, help=f"timing repeats of the overhead part (default {FULL['repeats']})")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--out", help="append raw rows (JSON lines, with a 'part' key) to this file")
+    g.add_argument("--write-benchmarks", metavar="FILE", help="replace (or add) the <!-- bench:lml --> section")
+    g.add_argument("--progress", action="store_true", help="one line per quality run on stderr")
+    g.add_argument("--render", nargs="+", metavar="ROWS", help="do not run: format the rows saved with --out "
+                                                              "(JSON lines) and print / write them")
+    g.add_argument("--notes", metavar="FILE", help="Markdown inserted after the section header with --render "
+                                                   "(a summary of the tables)")
+    g.set_defaults(func=run_lml)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    base = QUICK if args.quick else FULL
+    s = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in base.items()}
+    if any(n < 1 for n in s["nfe"]) or not s["nfe"]:
+        raise CLIError(f"--nfe needs positive integers, got {s['nfe']}")
+    for key in ("seeds", "projections", "repeats"):
+        if s[key] < 1:
+            raise CLIError(f"--{key} must be positive, got {s[key]}")
+    if args.first_seed < 0:
+        raise CLIError(f"--first-seed must be nonnegative, got {args.first_seed}")
+    if s["n_samples"] < 2:
+        raise CLIError(f"--n-samples must be at least 2, got {s['n_samples']}")
+    if any(d < 1 for d in s["dims"] + s["hessian_dims"]):
+        raise CLIError("dimensions must be positive integers")
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be positive, got {args.threads}")
+    return s
+
+
+def _command(args: argparse.Namespace, s: dict[str, Any], parts: list[str]) -> str:
+    p = ["hessdiff", "bench", "lml", "--parts", *parts, "--nfe", *map(str, s["nfe"]), "--seeds", str(s["seeds"]),
+         *(["--first-seed", str(args.first_seed)] if args.first_seed else []),
+         "--n-samples", str(s["n_samples"]), "--dims", *map(str, s["dims"]), "--gaussian-dim",
+         str(s["gaussian_dim"]), "--hessian-dims", *map(str, s["hessian_dims"]), "--projections",
+         str(s["projections"]), "--repeats", str(s["repeats"]), "--spacing", args.spacing]
+    if args.variants:
+        p += ["--variants", *args.variants]
+    if args.bases:
+        p += ["--bases", *args.bases]
+    if args.threads is not None:
+        p += ["--threads", str(args.threads)]
+    return " ".join(shlex.quote(x) for x in p)
+
+
+def _quality_section(rows: list[dict[str, Any]], BL: Any, BG: Any) -> str:
+    goal = BL.goal_rows(rows)
+    return ("### Goal: best LML method vs best base solver at NFE <= 10 (JVPs counted)\n\n" + BL.format_goal(goal)
+            + "\n### Sample quality vs NFE\n\n" + BG.format_markdown(rows))
+
+
+def _render(paths: list[str]) -> tuple[str, list[str]]:
+    """The report of saved rows (``--out`` files): every part found, in the usual order."""
+    from hessdiff.eval import bench_gmm as BG
+    from hessdiff.eval import bench_lml as BL
+
+    parts: dict[str, list[dict[str, Any]]] = {}
+    commands: list[str] = []
+    for path in paths:
+        p = Path(path)
+        if not p.exists():
+            raise CLIError(f"no such rows file: {path} (write one with --out)")
+        for line in p.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                parts.setdefault(r.get("part", "quality"), []).append(r)
+                if r.get("command") and r["command"] not in commands:
+                    commands.append(r["command"])
+    if "quality" in parts:  # rows of split runs may overlap: keep the first of each cell
+        seen: set[tuple[Any, ...]] = set()
+        uniq = []
+        for r in parts["quality"]:
+            key = (r["problem"], r["method"], r["nfe"], r["seed"], r["metric"], r.get("spacing"))
+            if key not in seen:
+                seen.add(key)
+                uniq.append(r)
+        parts["quality"] = uniq
+    out = []
+    if "identity" in parts:
+        out.append("### The published correction: float64 identity and float32 rounding law\n\n"
+                   + BL.format_identity(parts["identity"]))
+    if "hessian" in parts:
+        out.append("### Hessian approximation error along a 10-step DPM-Solver++(1) trajectory\n\n"
+                   + BL.format_hessian(parts["hessian"]))
+    if "quality" in parts:
+        out.append(_quality_section(parts["quality"], BL, BG))
+    if "overhead" in parts:
+        out.append("### Wall-clock overhead per step (small UNet2DModel, 32x32, batch 8, 10 steps, CPU)\n\n"
+                   + BL.format_overhead(parts["overhead"]))
+    if not out:
+        raise CLIError(f"no benchmark rows in {', '.join(paths)}")
+    return "\n".join(out), commands
+
+
+def run_lml(args: argparse.Namespace) -> int:
+    if args.render:
+        return _run_render(args)
+    s = _settings(args)
+    import torch
+
+    from hessdiff.eval import bench_gmm as BG
+    from hessdiff.eval import bench_lml as BL
+    from hessdiff.scripts.cmd_bench import machine_description
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    parts = list(args.parts or PARTS)
+    bases = tuple(args.bases) if args.bases else BL.BASES
+    try:
+        BL.lml_methods(args.variants, bases=bases)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    command = _command(args, s, parts)
+    out_file = None
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        out_file = open(args.out, "a", encoding="utf-8")  # noqa: SIM115 -- closed in finally
+
+    def save(part: str, rows: list[dict[str, Any]]) -> None:
+        if out_file is not None:
+            for r in rows:
+                out_file.write(json.dumps({**r, "part": part, "command": command}) + "\n")
+            out_file.flush()
+
+    sections: list[str] = []
+    t_all = time.perf_counter()
+    try:
+        if "identity" in parts:
+            t0 = time.perf_counter()
+            rows = BL.identity_rows(s["dims"], nfe=10)
+            save("identity", rows)
+            sections.append("### The published correction: float64 identity and float32 rounding law\n\n"
+                            + BL.format_identity(rows) + f"\n({time.perf_counter() - t0:.0f} s)\n")
+        if "hessian" in parts:
+            t0 = time.perf_counter()
+            rows = BL.hessian_error_rows(s["hessian_dims"])
+            save("hessian", rows)
+            sections.append("### Hessian approximation error along a 10-step DPM-Solver++(1) trajectory\n\n"
+                            + BL.format_hessian(rows) + f"\n({time.perf_counter() - t0:.0f} s)\n")
+        if "quality" in parts:
+            t0 = time.perf_counter()
+
+            def on_row(row: dict[str, Any]) -> None:
+                save("quality", [row])
+                if args.progress and row["metric"] in ("sw1", "w2", "w2_lb"):
+                    print(f"  {row['problem']:>13s} {row['method']:>28s} nfe={row['nfe']:<3d} seed={row['seed']} "
+                          f"{row['metric']}={row['value']:.4g}", flush=True)
+
+            triples = None if (args.variants or args.bases) else BL.DEFAULT_SET
+            rows = BL.quality_rows(args.variants, s["nfe"], s["dims"], s["gaussian_dim"] or None,
+                                   list(range(args.first_seed, args.first_seed + s["seeds"])), s["n_samples"],
+                                   spacing=args.spacing, bases=bases,
+                                   triples=triples, num_projections=s["projections"], on_row=on_row)
+            sections.append(_quality_section(rows, BL, BG) + f"\n({time.perf_counter() - t0:.0f} s)\n")
+        if "overhead" in parts:
+            t0 = time.perf_counter()
+            rows = BL.overhead_rows(repeats=s["repeats"])
+            save("overhead", rows)
+            sections.append("### Wall-clock overhead per step (small UNet2DModel, 32x32, batch 8, 10 steps, CPU)\n\n"
+                            + BL.format_overhead(rows) + f"\n({time.perf_counter() - t0:.0f} s)\n")
+    finally:
+        if out_file is not None:
+            out_file.close()
+    wall = time.perf_counter() - t_all
+    text = "\n".join(sections)
+    print(text)
+    print(f"[{wall:.1f} s] {command}")
+    if args.write_benchmarks:
+        header = (f"## LML benchmark (`hessdiff bench lml`)\n\nCommand: `{command}`  \n"
+                  f"Machine: {machine_description()}; torch {torch.__version__}, {torch.get_num_threads()} "
+                  f"thread(s); {_dt.date.today().isoformat()}; wall time {wall:.0f} s.\n\n")
+        _write_section(args.write_benchmarks, header + text)
+        print(f"wrote the lml section of {args.write_benchmarks}")
+    return 0
+
+
+def _run_render(args: argparse.Namespace) -> int:
+    import torch
+
+    from hessdiff.scripts.cmd_bench import machine_description
+
+    text, commands = _render(args.render)
+    if args.notes:
+        notes = Path(args.notes)
+        if not notes.exists():
+            raise CLIError(f"no such notes file: {args.notes}")
+        text = notes.read_text(encoding="utf-8").strip() + "\n\n" + text
+    print(text)
+    if args.write_benchmarks:
+        cmds = "\n".join(f"    {c}" for c in commands)
+        header = ("## LML benchmark (`hessdiff bench lml`)\n\nCommands (rows saved with `--out`, rendered with "
+                  f"`--render`):\n\n{cmds}\n\nMachine: {machine_description()}; torch {torch.__version__}; "
+                  f"rendered {_dt.date.today().isoformat()}.\n\n")
+        _write_section(args.write_benchmarks, header + text)
+        print(f"wrote the lml section of {args.write_benchmarks}")
+    return 0
+
+
+def _write_section(path: str, body: str) -> None:
+    from hessdiff.scripts.cmd_bench import replace_section
+
+    p = Path(path)
+    old = p.read_text(encoding="utf-8") if p.exists() else "# Benchmarks\n\n"
+    new = replace_section(old, body, MARK_BEGIN, MARK_END)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, p)

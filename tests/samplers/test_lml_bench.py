@@ -1,0 +1,80 @@
+"""The LML benchmark plumbing (hessdiff.eval.bench_lml, ``hessdiff bench lml``) on tiny sizes."""
+
+import json
+
+import pytest
+import torch
+
+from hessdiff.eval import bench_lml as BL
+from hessdiff.samplers import CountingDenoiser, GMMDenoiser, grid_gmm_prior
+from hessdiff.scripts.cli import main
+
+
+def test_methods_match_the_budget_with_jvps_counted():
+    methods = BL.lml_methods(triples=[("dpm++2m", "jvp2-first", False), ("dpm++2m", "jvp2-first", True),
+                                      ("dpm++2m", "jvp2-every", False), ("dpm++2m", "nl-jvp2", False)])
+    assert set(methods) >= {"dpm++2m", "dpm++2m+jvp2-first", "dpm++2m+jvp2-first+jvp", "dpm++2m+nl-jvp2"}
+    den = CountingDenoiser(GMMDenoiser(grid_gmm_prior(8)))
+    grid = BL.make_grid(den.schedule, 7)
+    x = den.inner.marginal(float(grid.t[0])).sample(8, torch.Generator().manual_seed(0))
+    for name, total in (("dpm++2m+jvp2-first", 7), ("dpm++2m+jvp2-first+jvp", 9), ("dpm++2m+jvp2-every", 6),
+                        ("dpm++2m+nl-jvp2", 5)):  # 2 steps + 1 corrector call (1 + 2 JVPs) <= 7
+        den.nfe, den.extra = 0, {}
+        out = methods[name](den, x, grid)
+        assert torch.isfinite(out).all()
+        assert den.nfe + sum(den.extra.values()) == total, (name, den.nfe, den.extra)
+    with pytest.raises(ValueError, match="unknown LML variant"):
+        BL.lml_methods(["nope"])
+    with pytest.raises(ValueError, match="unknown base"):
+        BL.lml_methods(["lml32"], bases=["heun"])
+
+
+def test_goal_rows_decides_on_mean_and_spread():
+    rows = []
+    for seed, (b, v) in enumerate([(1.0, 0.5), (1.1, 0.6), (0.9, 0.55)]):
+        rows += [{"problem": "p", "nfe": 5, "seed": seed, "metric": "sw1", "method": "dpm++2m", "value": b},
+                 {"problem": "p", "nfe": 5, "seed": seed, "metric": "sw1", "method": "dpm++2m+x", "value": v},
+                 {"problem": "p", "nfe": 20, "seed": seed, "metric": "sw1", "method": "dpm++2m+x", "value": 0.1}]
+    (g,) = BL.goal_rows(rows)
+    assert g["nfe"] == 5 and g["lml"] == "dpm++2m+x" and g["met"] and g["improvement"] == pytest.approx(0.45)
+    rows[1]["value"] = 2.0  # one bad seed: spread too large
+    (g,) = BL.goal_rows(rows)
+    assert not g["met"]
+
+
+def test_identity_and_hessian_parts_on_a_small_mixture():
+    rows = BL.identity_rows(dims=(8,), nfe=6, n_samples=32, lambdas=(1e-2,))
+    assert len(rows) == len(BL.BASES)
+    for r in rows:
+        assert r["f64_rel"] <= 1e-8 and r["f32_rel"] > 1e-7
+        assert 1 / 3 < r["law_ratio_median"] < 3 and r["law_n"] > 0
+    hrows = BL.hessian_error_rows(dims=(8,), ranks=(1, 3), nfe=4, n_samples=3)
+    lz3 = [r for r in hrows if r["estimator"] == "lanczos" and r["rank"] == 3]
+    assert lz3 and max(r["op"] for r in lz3) < 1e-8  # A = alpha^2 I + rank 2: 3 Lanczos steps are exact
+    assert max(r["op"] for r in hrows if r["estimator"] == "fisher") > 1.0
+    assert "lanczos" in BL.format_hessian(hrows)
+
+
+def test_cli_runs_saves_and_renders(tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    bench = tmp_path / "BENCHMARKS.md"
+    bench.write_text("# Benchmarks\n\nkeep me\n")
+    assert main(["bench", "lml", "--quick", "--parts", "identity", "--threads", "1", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and {r["part"] for r in rows} == {"identity"}
+    assert main(["bench", "lml", "--render", str(out), "--write-benchmarks", str(bench)]) == 0
+    text = bench.read_text()
+    assert "keep me" in text and text.count("<!-- bench:lml -->") == 1 and "float32 per-step change" in text
+    assert main(["bench", "lml", "--render", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such rows file" in capsys.readouterr().err
+    assert main(["bench", "lml", "--quick", "--variants", "nope"]) == 2
+
+
+def test_fast_isotropic_jvp_equals_the_oracle():
+    for d in (8, 80):
+        den = GMMDenoiser(grid_gmm_prior(d))
+        fast = BL.FastIsotropicGMM(den)
+        x = den.marginal(300.0).sample(16, torch.Generator().manual_seed(d))
+        v = torch.randn(16, d, generator=torch.Generator().manual_seed(d + 1), dtype=torch.float64)
+        torch.testing.assert_close(fast.jvp_x0(x, 300.0, v), den.jvp_x0(x, 300.0, v), rtol=1e-9, atol=1e-9)
+        assert torch.equal(fast(x, 300.0).x0, den(x, 300.0).x0)
