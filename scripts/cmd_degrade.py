@@ -10,8 +10,6 @@ atomically; existing files are never overwritten unless ``--overwrite`` is given
 from __future__ import annotations
 
 import argparse
-import json
-from typing import Any
 
 from hessdiff.scripts.cli import CLIError
 
@@ -42,22 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing measurement files in --out")
     p.add_argument("--list", action="store_true", help="list tasks and presets, then exit")
     p.set_defaults(func=run)
-
-
-def parse_params(items: list[str]) -> dict[str, Any]:
-    """``["k=v", ...]`` -> dict; values parsed as JSON when possible, else kept as strings."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise CLIError(f"--param expects KEY=VALUE; got {item!r}")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key] = value
-    return out
 
 
 def _listing() -> str:
@@ -105,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a folder")
 
-    params = parse_params(args.param)
+    from hessdiff.scripts._common import parse_key_values
+
+    params = parse_key_values(args.param, "--param")
     try:
         if args.preset:
             task = load_preset(args.preset).task(args.task, **params)
