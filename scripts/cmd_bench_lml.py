@@ -109,7 +109,9 @@ def _command(args: argparse.Namespace, s: dict[str, Any], parts: list[str]) -> s
 
 def _quality_section(rows: list[dict[str, Any]], BL: Any, BG: Any) -> str:
     goal = BL.goal_rows(rows)
+    goal0 = BL.goal_rows(rows, include=BL.zero_nfe)
     return ("### Goal: best LML method vs best base solver at NFE <= 10 (JVPs counted)\n\n" + BL.format_goal(goal)
+            + "\nThe same, zero-extra-evaluation LML methods only:\n\n" + BL.format_goal(goal0)
             + "\n### Sample quality vs NFE\n\n" + BG.format_markdown(rows))
 
 
