@@ -475,8 +475,11 @@ def quality_rows(
 
 def zero_nfe(method: str) -> bool:
     """Whether a benchmark method name is a base solver with a zero-extra-evaluation variant."""
-    parts = method.split("+", 1)
-    return len(parts) == 2 and parts[1] in VARIANTS and VARIANTS[parts[1]].extra(2) == 0
+    for b in sorted(default_methods(), key=len, reverse=True):  # base names contain "+" (dpm++2m)
+        if method.startswith(b + "+"):
+            v = method[len(b) + 1:]
+            return v in VARIANTS and VARIANTS[v].extra(2) == 0
+    return False
 
 
 def goal_rows(rows: Sequence[Mapping[str, Any]], *, metric: str = "sw1", max_nfe: int = 10,

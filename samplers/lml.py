@@ -237,9 +237,11 @@ class MatchedNoiseCorrection:
     """Control for the published correction: a random perturbation of the same relative size.
 
     Per sample, computes what the float32 published correction would change, ``delta = |g_LML - g|``,
-    and returns ``g`` moved by ``delta`` in a uniformly random direction, rescaled to ``|g|`` (as the
-    published map keeps the length). If the published correction's effect is rounding noise, this
-    control reproduces its effect statistically. ``generator`` (or ``seed``) draws the directions.
+    and returns ``g`` rotated towards a uniformly random direction orthogonal to it by the angle that
+    gives ``|g' - g| = delta`` and ``|g'| = |g|`` exactly (the published map keeps the length too). If
+    the published correction's effect is rounding noise, this control reproduces its size with a
+    dense random direction (in the saturated regime the published map returns a sparse vector
+    instead). ``generator`` (or ``seed``) draws the directions.
     Where the float32 correction would give 0/0 the sample is left unchanged.
     """
 
@@ -264,11 +266,14 @@ class MatchedNoiseCorrection:
         lml = lm_correct(g, prev, self.lamb, self.kappa, "float32", "keep")
         self._prev = g.detach().clone()
         gf = flat(g).to(torch.float64)
+        n = gf.norm(dim=1, keepdim=True)
         delta = (flat(lml).to(torch.float64) - gf).norm(dim=1, keepdim=True)
         z = torch.randn(gf.shape, generator=self._gen, dtype=torch.float64)
-        z = z / z.norm(dim=1, keepdim=True)
-        out = gf + delta * z
-        out = out * gf.norm(dim=1, keepdim=True) / out.norm(dim=1, keepdim=True).clamp(min=1e-300)
+        z = z - gf * (z * gf).sum(1, keepdim=True) / (n * n).clamp(min=1e-300)  # orthogonal to g
+        z = z / z.norm(dim=1, keepdim=True).clamp(min=1e-300)
+        # rotate g by the angle theta with |g' - g| = 2 |g| sin(theta / 2) = delta and |g'| = |g|
+        theta = 2 * torch.asin((delta / (2 * n).clamp(min=1e-300)).clamp(0.0, 1.0))
+        out = torch.cos(theta) * gf + torch.sin(theta) * n * z
         return out.reshape(g.shape).to(g.dtype)
 
 

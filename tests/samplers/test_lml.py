@@ -249,8 +249,13 @@ def test_matched_noise_control_has_the_published_size():
     lml = lm_correct(g, None, lamb)
     d_ctl = (out.double() - g.double()).norm(dim=1)
     d_lml = (lml.double() - g.double()).norm(dim=1)
-    torch.testing.assert_close(d_ctl, d_lml, rtol=1e-2, atol=0)
+    torch.testing.assert_close(d_ctl, d_lml, rtol=1e-5, atol=0)
     torch.testing.assert_close(out.double().norm(dim=1), g.double().norm(dim=1), rtol=1e-6, atol=0)
+    # in the saturated regime too (the published map returns a random sparse vector there)
+    sat = MatchedNoiseCorrection(lamb=3.4e-8 * 3072 / 3.0, seed=1)
+    out_s = sat(g, None)
+    d_s = (lm_correct(g, None, 3.4e-8 * 3072 / 3.0).double() - g.double()).norm(dim=1)
+    torch.testing.assert_close((out_s.double() - g.double()).norm(dim=1), d_s, rtol=1e-5, atol=0)
     assert float(((out - lml).double().norm(dim=1) / d_lml).min()) > 0.5  # a different direction
     ctl.reset()
     assert torch.equal(ctl(g, None), out)  # reproducible from its seed

@@ -40,6 +40,8 @@ def test_goal_rows_decides_on_mean_and_spread():
     rows[1]["value"] = 2.0  # one bad seed: spread too large
     (g,) = BL.goal_rows(rows)
     assert not g["met"]
+    assert BL.zero_nfe("dpm++2m+sec1-ad") and BL.zero_nfe("ddim+lml32") and not BL.zero_nfe("dpm++2m+jvp2-first")
+    assert not BL.zero_nfe("dpm++2m") and not BL.zero_nfe("dpm++2m+unknown")
 
 
 def test_identity_and_hessian_parts_on_a_small_mixture():
