@@ -318,7 +318,8 @@ def run_prior_benchmark(
     Row keys: ``method, problem, d, nfe, seed, metric, value, wall_s`` (seconds spent in the method
     itself), ``n_samples``, ``spacing``. Exact-W2 values of a linear method do not depend on the
     seed and are reported once (seed ``seeds[0]``). With ``include_floor``, rows of method
-    ``"exact"`` (``nfe = 0``) hold the metrics of a second independent set of exact draws (mixtures),
+    ``"exact"`` (``nfe = 0``) hold the metrics of a second independent set of exact draws (mixtures:
+    ``sw1``, ``tv``; Gaussian: ``w2_lb`` of ``n`` exact draws, the Monte-Carlo floor of that bound),
     and rows of method ``"exact-ode"`` the W2 of :func:`exact_ode_gain` (Gaussian).
     ``on_row`` is called with each row as soon as it exists (streaming to a file, progress).
     """
@@ -370,6 +371,11 @@ def run_prior_benchmark(
                 other = draws(law, key, 2)
                 emit("exact", prob, 0, seed, "sw1", sliced_wasserstein(other, ref, num_projections), 0.0)
                 emit("exact", prob, 0, seed, "tv", _component_tv(other, law), 0.0)
+            if include_floor and prob.kind == "gaussian":  # Monte-Carlo floor of w2_lb at this n
+                g0 = grids[nfes[0]]
+                law = _final_law(prob.prior, g0)
+                other = draws(law, (float(g0.alpha[-1]), float(g0.sigma[-1])), 2)
+                emit("exact", prob, 0, seed, "w2_lb", _gelbrich_lb(other, law), 0.0)
             for nfe in nfes:
                 grid = grids[nfe]
                 skey = (float(grid.alpha[0]), float(grid.sigma[0]))

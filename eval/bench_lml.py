@@ -77,6 +77,9 @@ __all__ = [
     "format_hessian",
     "format_overhead",
     "format_goal",
+    "EMBEDDED_SET",
+    "embedded_rows",
+    "format_embedded",
 ]
 
 #: the base solvers of the issue (names as in :func:`hessdiff.eval.bench_gmm.default_methods`)
@@ -127,6 +130,12 @@ VARIANTS: dict[str, Variant] = {
                          lambda nfe, seed, d: HessianStepCorrection("secant", 1, only="last", adaptive=False)),
     "jvp2-first": Variant("2 JVPs (Lanczos from eps_hat) at the first step: local-Gaussian first step",
                           lambda nfe, seed, d: HessianStepCorrection("jvp", 2, only="first"), extra=lambda n: 2),
+    "jvp2-first-perp": Variant("2 JVPs at the first step, radial direction excluded (radial='exclude')",
+                               lambda nfe, seed, d: HessianStepCorrection("jvp", 2, only="first", radial="exclude"),
+                               extra=lambda n: 2),
+    "sec1-ad-perp": Variant("secant curvature, gain-ratio damping, radial part of the step left to the base "
+                            "solver (zero NFE)",
+                            lambda nfe, seed, d: HessianStepCorrection("secant", 1, adaptive=True, radial="exclude")),
     "jvp2-first-ad": Variant("2 JVPs at the first step, transported to later steps, gain-ratio damping",
                              lambda nfe, seed, d: HessianStepCorrection("jvp", 2, refresh="first", adaptive=True),
                              extra=lambda n: 2),
@@ -608,3 +617,112 @@ def format_overhead(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         out.append(f"| {r['method']} | {r['nfe']} | {1000 * r['s_per_step']:.1f} | {r['ratio']:.3f} |")
     return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. the embedded models: domain FID and distance to the converged ODE solution
+# ----------------------------------------------------------------------------------------------------
+#: methods of the embedded-model part: every base of :data:`EMBEDDED_BASES` plus these (base, variant, jvp_free)
+EMBEDDED_SET: tuple[tuple[str, str, bool], ...] = (
+    ("dpm-3", "lml32", False), ("dpm-3", "noise", False),
+    ("dpm++2m", "sec1-ad", False), ("ddim", "sec1-ad-perp", False), ("dpm-3", "sec1-ad-perp", False),
+    ("dpm++2m", "sec1-ad-perp", False), ("dpm++2m", "jvp2-first", False), ("dpm++2m", "jvp2-first-perp", False),
+    ("dpm++2m", "jvp2-first-perp", True),
+)
+EMBEDDED_BASES: tuple[str, ...] = ("ddim", "dpm-3", "dpm++2m")
+
+
+def embedded_rows(
+    models: Sequence[str] = ("mnist", "mnist-ldm"),
+    nfes: Sequence[int] = (5, 8, 10, 15, 20),
+    n_samples: int = 250,
+    *,
+    triples: Sequence[tuple[str, str, bool]] = EMBEDDED_SET,
+    bases: Sequence[str] = EMBEDDED_BASES,
+    spacing: str = "trailing",
+    reference_steps: int = 100,
+    batch_size: int = 50,
+    first_seed: int = 0,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Base solvers and LML methods on the embedded models (:func:`~hessdiff.samplers.models.load_model`).
+
+    Sample ``i`` starts from ``sigma_0 * randn`` drawn from ``torch.Generator().manual_seed(first_seed + i)``,
+    the same for every method and NFE. Per (model, method, NFE): ``fid`` = domain FID of the ``n_samples``
+    decoded images against the 500 held-out test digits (features of the embedded classifier,
+    :func:`~hessdiff.samplers.models.domain_features`; biased upwards at small ``n``, comparable across
+    methods at equal ``n``), and ``psnr`` / ``ssim`` (mean and sd over images) of each image against the
+    converged solution of the same probability-flow ODE from the same start (DPM-Solver++(2M) with
+    ``reference_steps`` steps): the solver error as an image distance. Methods and NFE accounting as in
+    :func:`lml_methods` (JVPs count as network evaluations); ``nfe_counted`` is what
+    :class:`~hessdiff.samplers.denoiser.CountingDenoiser` saw per image (network forwards + JVPs).
+    """
+    from hessdiff.eval.fid import FeatureStats, fid_from_stats
+    from hessdiff.eval.metrics import psnr, ssim
+    from hessdiff.samplers.denoiser import UNetDenoiser
+    from hessdiff.samplers.models import domain_features, embedded_dataset, load_model
+
+    if n_samples < 2:
+        raise ValueError(f"n_samples must be at least 2, got {n_samples}")
+    ref_stats = FeatureStats().update(domain_features(embedded_dataset("test")))
+    methods = lml_methods(spacing=spacing, bases=bases, triples=triples)
+    rows: list[dict[str, Any]] = []
+    for name in models:
+        model = load_model(name)
+        den = CountingDenoiser(UNetDenoiser.from_unet_and_scheduler(model.unet, model.scheduler))
+        decode = model.decode if model.is_latent else (lambda z: z)
+        noise = torch.cat([torch.randn((1, *model.sample_shape), generator=torch.Generator().manual_seed(s))
+                           for s in range(first_seed, first_seed + n_samples)])
+
+        def run(fn: Callable[..., Tensor], grid: Any, den: CountingDenoiser = den, noise: Tensor = noise,
+                decode: Callable[[Tensor], Tensor] = decode) -> tuple[Tensor, float, int]:
+            outs, den.nfe = [], 0
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for xb in (float(grid.sigma[0]) * noise).split(batch_size):
+                    outs.append(decode(fn(den, xb.clone(), grid)).float().clamp(-1, 1))
+            return torch.cat(outs), time.perf_counter() - t0, den.nfe // -(-n_samples // batch_size)
+
+        ref_grid = make_grid(den.schedule, reference_steps, spacing)
+        ref, _, _ = run(default_methods()["dpm++2m"], ref_grid)
+        for nfe in nfes:
+            grid = make_grid(den.schedule, nfe, spacing)
+            for mname, fn in methods.items():
+                imgs, wall, counted = run(fn, grid)
+                fid = fid_from_stats(FeatureStats().update(domain_features(imgs)), ref_stats)
+                rgb, ref_rgb = imgs.expand(-1, 3, -1, -1), ref.expand(-1, 3, -1, -1)  # metrics take RGB
+                p, s = psnr(rgb, ref_rgb), ssim(rgb, ref_rgb)
+                row = {"model": name, "method": mname, "nfe": int(nfe), "nfe_counted": int(counted),
+                       "fid": fid, "psnr": float(p.mean()), "psnr_sd": float(p.std()), "ssim": float(s.mean()),
+                       "ssim_sd": float(s.std()), "n_samples": n_samples, "first_seed": first_seed,
+                       "reference_steps": reference_steps, "spacing": spacing, "wall_s": wall}
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+    return rows
+
+
+def format_embedded(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One table per (model, metric): methods down, NFE across."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model]
+        nfes = sorted({int(r["nfe"]) for r in rs})
+        n = rs[0]["n_samples"]
+        for metric, what, fmt in (
+            ("fid", f"domain FID of {n} samples against the 500 test digits (lower is better)", "{:.2f}"),
+            ("psnr", f"PSNR (dB) to the converged ODE solution from the same noise, mean over {n} samples",
+             "{:.2f}"),
+            ("ssim", "SSIM to the converged ODE solution, mean", "{:.3f}"),
+        ):
+            out.append(f"**{model}** -- {what}\n")
+            out.append("| method | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
+            out.append("|---|" + "---|" * len(nfes))
+            for m in dict.fromkeys(r["method"] for r in rs):
+                cells = []
+                for k in nfes:
+                    c = [r for r in rs if r["method"] == m and int(r["nfe"]) == k]
+                    cells.append(fmt.format(c[0][metric]) if c else "")
+                out.append(f"| {m} | " + " | ".join(cells) + " |")
+            out.append("")
+    return "\n".join(out)

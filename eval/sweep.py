@@ -507,6 +507,8 @@ def _build_work(cfg: SweepConfig, data: _ImageSet | None,
         for task in tasks:
             tlabel = task.label if task else UNCONDITIONAL
             for method in cfg.methods:
+                if not method.runs_on(model):
+                    continue
                 for steps in method.steps:
                     label = f"{model}/{tlabel}/{method.label}/{steps}"
                     folder = f"items/{model}/{tlabel}/{method.label}/steps-{steps}"

@@ -40,6 +40,7 @@ Schema (all sections but ``[[methods]]`` are optional)::
     label = "ddim"                # default: name; must be unique
     steps = [10, 20, 50]          # int or list; methods that take no steps (pinv) must omit it
     options = { eta = 0.0 }       # method options (unknown options are errors)
+    models = ["mnist-ldm"]        # optional: run only on these [[models]] labels (default: every model)
 
     [metrics]
     paired = ["psnr", "ssim", "lpips_alex"]   # default for restoration sweeps; [] for generation
@@ -106,7 +107,7 @@ _MODEL_KEYS = ("name", "label")
 _DATA_KEYS = ("folder", "embedded", "first_n", "resolution", "channels", "resize", "order", "recursive",
               "base_seed", "check")
 _TASK_KEYS = ("name", "label", "preset", "params")
-_METHOD_KEYS = ("name", "label", "steps", "options")
+_METHOD_KEYS = ("name", "label", "steps", "options", "models")
 _METRIC_KEYS = ("paired", "fid", "kid", "features", "reference", "reference_first_n", "kid_subsets",
                 "kid_subset_size", "kid_seed")
 FORMAT = "hessdiff.sweep/1"
@@ -328,16 +329,25 @@ class TaskEntry:
 class MethodEntry:
     """A method from :data:`hessdiff.eval.sweep_methods.METHODS` with resolved options and step counts.
 
-    ``steps`` is ``(0,)`` for methods that take no steps.
+    ``steps`` is ``(0,)`` for methods that take no steps; ``models`` (labels) restricts the method to
+    those models, empty for every model.
     """
 
     label: str
     name: str
     steps: tuple[int, ...]
     options: dict[str, Any]
+    models: tuple[str, ...] = ()
 
     def resolved(self) -> dict[str, Any]:
-        return {"label": self.label, "name": self.name, "steps": list(self.steps), "options": self.options}
+        out = {"label": self.label, "name": self.name, "steps": list(self.steps), "options": self.options}
+        if self.models:  # only when set, so that configurations without it keep their hashes
+            out["models"] = list(self.models)
+        return out
+
+    def runs_on(self, model: str) -> bool:
+        """Whether this method runs on the model with label ``model``."""
+        return not self.models or model in self.models
 
 
 @dataclass(frozen=True)
@@ -560,7 +570,8 @@ def _parse_steps(where: str, raw: Any) -> tuple[int, ...]:
     return tuple(sorted(int(v) for v in vals))
 
 
-def _parse_methods(name: str, raw: Any, methods: Mapping[str, Any]) -> tuple[MethodEntry, ...]:
+def _parse_methods(name: str, raw: Any, methods: Mapping[str, Any],
+                   model_labels: Sequence[str] = ()) -> tuple[MethodEntry, ...]:
     out: list[MethodEntry] = []
     for i, entry in enumerate(_entries(f"{name}: [[methods]]", raw, "methods"), 1):
         where = f"{name}: [[methods]] entry {i}"
@@ -590,7 +601,21 @@ def _parse_methods(name: str, raw: Any, methods: Mapping[str, Any]) -> tuple[Met
         except ValueError as exc:
             raise SweepConfigError(f"{where}: {exc}") from exc
         label = _label(where, "label", t["label"]) if "label" in t else _slug(mname)
-        out.append(MethodEntry(label=label, name=mname, steps=steps, options=_plain(options, where)))
+        mlabels: tuple[str, ...] = ()
+        if "models" in t:
+            raw_models = t["models"]
+            if isinstance(raw_models, str):
+                raw_models = [raw_models]
+            if (not isinstance(raw_models, list) or not raw_models
+                    or not all(isinstance(v, str) for v in raw_models)):
+                raise SweepConfigError(f"{where}: models must be a non-empty list of [[models]] labels, "
+                                       f"e.g. models = [\"mnist\"]; got {t['models']!r}")
+            unknown = [v for v in raw_models if v not in model_labels]
+            if unknown:
+                raise SweepConfigError(f"{where}: models: unknown model label {unknown[0]!r} (the [[models]] "
+                                       f"labels are: {', '.join(model_labels) or 'none'})")
+            mlabels = tuple(dict.fromkeys(raw_models))
+        out.append(MethodEntry(label=label, name=mname, steps=steps, options=_plain(options, where), models=mlabels))
     _unique(name, "[[methods]]", [m.label for m in out])
     return tuple(out)
 
@@ -693,7 +718,7 @@ def parse_config(raw: Mapping[str, Any], *, name: str = "sweep config", base_dir
     if "methods" not in top:
         raise SweepConfigError(f"{name}: no [[methods]] given; add at least one, e.g.\n"
                                "[[methods]]\nname = \"ddim\"\nsteps = [10, 20]")
-    mlist = _parse_methods(name, top["methods"], methods)
+    mlist = _parse_methods(name, top["methods"], methods, [m.label for m in models])
     if "tasks" in top:
         if data is None:
             raise SweepConfigError(f"{name}: [[tasks]] need clean images: add a [data] section")

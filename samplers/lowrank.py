@@ -242,7 +242,7 @@ def nystrom(Omega: Tensor, Y: Tensor, *, s0: Tensor | float = 0.0, rtol: float =
 
 def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, k: int, *,
             generator: torch.Generator | None = None, s0: Tensor | float = 0.0,
-            breakdown_tol: float = 1e-10) -> LowRankSym:
+            breakdown_tol: float = 1e-10, project: Callable[[Tensor], Tensor] | None = None) -> LowRankSym:
     """``k`` Lanczos steps on the symmetric operator ``matvec`` (``[B, d] -> [B, d]``) from ``v0``.
 
     Full reorthogonalisation (``k`` is small). Returns the Ritz eigen-form ``(Q W) diag(theta)
@@ -251,7 +251,8 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, k: int, *,
     breakdown (the Krylov space of a sample became invariant before ``k`` steps) the iteration
     continues from a random vector orthogonal to the basis (from ``generator``) with a zero
     coupling, so the basis stays orthonormal and the start-vector approximation stays exact.
-    ``matvec`` is called exactly ``k`` times.
+    ``matvec`` is called exactly ``k`` times. ``project`` (optional, ``[B, d] -> [B, d]``) maps the random
+    restart vectors into the subspace the operator works on (e.g. the complement of a direction).
     """
     v0 = flat(v0)
     B, d = v0.shape
@@ -274,8 +275,10 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, k: int, *,
         w = flat(matvec(q)).to(dt)
         alpha = (w * q).sum(1)
         T[:, j, j] = alpha
-        # full reorthogonalisation against the whole basis (twice is enough)
+        # full reorthogonalisation against the whole basis (twice is enough), within the subspace
         for _ in range(2):
+            if project is not None:
+                w = project(w)
             w = w - torch.einsum("bdk,bk->bd", Q[:, :, : j + 1], torch.einsum("bdk,bd->bk", Q[:, :, : j + 1], w))
         if j + 1 == k:
             break
@@ -286,6 +289,8 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, k: int, *,
             r = torch.randn(B, d, generator=generator, dtype=dt,
                             device=generator.device if generator is not None else v0.device).to(v0.device)
             for _ in range(2):
+                if project is not None:
+                    r = project(r)
                 r = r - torch.einsum("bdk,bk->bd", Q[:, :, : j + 1], torch.einsum("bdk,bd->bk", Q[:, :, : j + 1], r))
             w = torch.where(broke[:, None], r, w)
             beta_eff = torch.where(broke, torch.zeros_like(beta), beta)

@@ -4,7 +4,8 @@ Parts (``--parts``, default all): ``identity`` (the published correction in floa
 sampler, and its float32 deviation vs the rounding law), ``hessian`` (curvature estimates vs the
 exact mixture Hessian), ``quality`` (sample error vs NFE with and without each correction, through
 :func:`hessdiff.eval.bench_gmm.run_prior_benchmark`, plus the >= 10 % goal summary), ``overhead``
-(wall clock per step on a small ``UNet2DModel`` on CPU). Tables are printed; ``--out`` appends the
+(wall clock per step on a small ``UNet2DModel`` on CPU), ``embedded`` (domain FID and PSNR / SSIM to the
+converged ODE solution on the embedded models; not part of the default set). Tables are printed; ``--out`` appends the
 raw rows as JSON lines; ``--write-benchmarks FILE`` replaces the ``<!-- bench:lml -->`` section of
 a Markdown file (nothing outside the markers is touched).
 
@@ -24,7 +25,9 @@ from typing import Any
 
 from hessdiff.scripts.cli import CLIError
 
-PARTS = ("identity", "hessian", "quality", "overhead")
+PARTS = ("identity", "hessian", "quality", "overhead", "embedded")
+DEFAULT_PARTS = ("identity", "hessian", "quality", "overhead")
+EMBEDDED_TITLE = "### The embedded models: domain FID and distance to the converged ODE solution\n\n"
 MARK_BEGIN = "<!-- bench:lml -->"
 MARK_END = "<!-- /bench:lml -->"
 
@@ -44,7 +47,8 @@ def register_lml(sub: argparse._SubParsersAction) -> None:
     """Add the ``lml`` parser to ``hessdiff bench``'s sub-parsers."""
     g = sub.add_parser("lml", help="LML corrections: identity check, Hessian errors, quality vs NFE, overhead",
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("--parts", nargs="+", choices=PARTS, help="which parts to run (default: all)")
+    g.add_argument("--parts", nargs="+", choices=PARTS,
+                   help=f"which parts to run (default: {' '.join(DEFAULT_PARTS)})")
     g.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     g.add_argument("--nfe", type=int, nargs="+", help=f"NFE budgets (default {FULL['nfe']})")
     g.add_argument("--seeds", type=int, help=f"number of seeds (default {FULL['seeds']})")
@@ -62,6 +66,14 @@ def register_lml(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--spacing", default="trailing", help="grid spacing (default trailing)")
     g.add_argument("--projections", type=int, help=f"sliced-W1 directions (default {FULL['projections']})")
     g.add_argument("--repeats", type=int, help=f"timing repeats of the overhead part (default {FULL['repeats']})")
+    g.add_argument("--models", nargs="+", default=["mnist", "mnist-ldm"],
+                   help="models of the embedded part (default: mnist mnist-ldm)")
+    g.add_argument("--embedded-samples", type=int, default=200,
+                   help="samples per configuration in the embedded part (default 200)")
+    g.add_argument("--embedded-nfe", type=int, nargs="+", default=[5, 8, 10, 15, 20],
+                   help="NFE budgets of the embedded part (default 5 8 10 15 20)")
+    g.add_argument("--reference-steps", type=int, default=100,
+                   help="DPM-Solver++(2M) steps of the converged reference in the embedded part (default 100)")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--out", help="append raw rows (JSON lines, with a 'part' key) to this file")
     g.add_argument("--write-benchmarks", metavar="FILE", help="replace (or add) the <!-- bench:lml --> section")
@@ -98,6 +110,9 @@ def _command(args: argparse.Namespace, s: dict[str, Any], parts: list[str]) -> s
          "--n-samples", str(s["n_samples"]), "--dims", *map(str, s["dims"]), "--gaussian-dim",
          str(s["gaussian_dim"]), "--hessian-dims", *map(str, s["hessian_dims"]), "--projections",
          str(s["projections"]), "--repeats", str(s["repeats"]), "--spacing", args.spacing]
+    if "embedded" in parts:
+        p += ["--models", *args.models, "--embedded-samples", str(args.embedded_samples), "--embedded-nfe",
+              *map(str, args.embedded_nfe), "--reference-steps", str(args.reference_steps)]
     if args.variants:
         p += ["--variants", *args.variants]
     if args.bases:
@@ -150,6 +165,8 @@ def _render(paths: list[str]) -> tuple[str, list[str]]:
                    + BL.format_hessian(parts["hessian"]))
     if "quality" in parts:
         out.append(_quality_section(parts["quality"], BL, BG))
+    if "embedded" in parts:
+        out.append(EMBEDDED_TITLE + BL.format_embedded(parts["embedded"]))
     if "overhead" in parts:
         out.append("### Wall-clock overhead per step (small UNet2DModel, 32x32, batch 8, 10 steps, CPU)\n\n"
                    + BL.format_overhead(parts["overhead"]))
@@ -170,7 +187,10 @@ def run_lml(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    parts = list(args.parts or PARTS)
+    parts = list(args.parts or DEFAULT_PARTS)
+    if "embedded" in parts and (args.embedded_samples < 2 or args.reference_steps < 1
+                                or any(n < 1 for n in args.embedded_nfe)):
+        raise CLIError("--embedded-samples must be >= 2, --reference-steps and --embedded-nfe positive")
     bases = tuple(args.bases) if args.bases else BL.BASES
     try:
         BL.lml_methods(args.variants, bases=bases)
@@ -218,6 +238,18 @@ def run_lml(args: argparse.Namespace) -> int:
                                    spacing=args.spacing, bases=bases,
                                    triples=triples, num_projections=s["projections"], on_row=on_row)
             sections.append(_quality_section(rows, BL, BG) + f"\n({time.perf_counter() - t0:.0f} s)\n")
+        if "embedded" in parts:
+            t0 = time.perf_counter()
+
+            def on_emb(row: dict[str, Any]) -> None:
+                save("embedded", [row])
+                if args.progress:
+                    print(f"  {row['model']:>10s} {row['method']:>28s} nfe={row['nfe']:<3d} fid={row['fid']:.3f} "
+                          f"psnr={row['psnr']:.2f}", flush=True)
+
+            rows = BL.embedded_rows(args.models, args.embedded_nfe, args.embedded_samples,
+                                    reference_steps=args.reference_steps, spacing=args.spacing, on_row=on_emb)
+            sections.append(EMBEDDED_TITLE + BL.format_embedded(rows) + f"\n({time.perf_counter() - t0:.0f} s)\n")
         if "overhead" in parts:
             t0 = time.perf_counter()
             rows = BL.overhead_rows(repeats=s["repeats"])

@@ -42,6 +42,9 @@ def test_rows_have_the_documented_keys(rows):
     # exact W2 once per (linear method, NFE), the sample bound per seed for the nonlinear one
     assert sorted((r["method"], r["metric"]) for r in gauss if r["nfe"] == 5) == [
         ("ddim", "w2"), ("dpm++2m", "w2"), ("exact-ode", "w2"), ("squashed", "w2_lb"), ("squashed", "w2_lb")]
+    # the Monte-Carlo floor of the sample bound: exact draws, once per seed
+    assert sorted((r["method"], r["metric"], r["seed"]) for r in gauss if r["nfe"] == 0) == [
+        ("exact", "w2_lb", 0), ("exact", "w2_lb", 1)]
     assert all(r["value"] >= 0 for r in rows)
 
 
@@ -56,6 +59,7 @@ def test_more_steps_help_and_reference_rows_are_lower(rows):
         assert val(m, "gauss-16", 20, "w2") < val(m, "gauss-16", 5, "w2")
         assert val("exact-ode", "gauss-16", 20, "w2") <= val(m, "gauss-16", 20, "w2")
     assert val("exact", "grid-gmm-8", 0, "sw1") < val("ddim", "grid-gmm-8", 5, "sw1")
+    assert val("exact", "gauss-16", 0, "w2_lb") < val("squashed", "gauss-16", 5, "w2_lb")
 
 
 def test_same_start_for_every_method_of_a_seed():

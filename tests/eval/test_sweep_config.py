@@ -197,3 +197,26 @@ def test_shipped_example_configs_are_valid(tmp_path):
             path.write_text(text)
         cfg = load_config(path)
         assert cfg.methods and cfg.hash()
+
+
+def test_methods_can_be_restricted_to_models():
+    from hessdiff.eval.sweep import _build_work
+
+    gen = {"models": [{"name": "mnist"}, {"name": "mnist-ldm"}],
+           "methods": [{"name": "ddim", "steps": 4}, {"name": "dpm++", "steps": [3, 5], "models": ["mnist-ldm"]}],
+           "metrics": {"fid": False}}
+    cfg = parse_config(gen, name="g.toml")
+    assert cfg.methods[0].models == () and cfg.methods[1].models == ("mnist-ldm",)
+    assert "models" not in cfg.methods[0].resolved()  # unrestricted entries keep their old hash
+    assert cfg.methods[1].resolved()["models"] == ["mnist-ldm"]
+    _, batches = _build_work(cfg, None, None)
+    units = sorted({u.label for u, _ in batches})
+    assert units == ["mnist-ldm/unconditional/ddim/4", "mnist-ldm/unconditional/dpm++/3",
+                     "mnist-ldm/unconditional/dpm++/5",
+                     "mnist/unconditional/ddim/4"]
+    for bad, needle in ((["mnist-xl"], "unknown model label 'mnist-xl'"), ([], "non-empty list"), ([3], "list of")):
+        raw = {**gen, "methods": [{"name": "ddim", "steps": 4, "models": bad}]}
+        with pytest.raises(SweepConfigError, match=needle):
+            parse_config(raw, name="g.toml")
+    assert parse_config({**gen, "methods": [{"name": "ddim", "steps": 4, "models": "mnist"}]},
+                        name="g.toml").methods[0].models == ("mnist",)

@@ -32,6 +32,7 @@ from hessdiff.samplers.lml import (
     lml_rounding_law,
     published_lambda,
 )
+from hessdiff.samplers.lowrank import flat
 from hessdiff.samplers.schedule import FlowMatchingSchedule
 
 F64 = torch.float64
@@ -535,3 +536,42 @@ def test_jvp_variant_runs_on_a_real_unet_through_autodiff():
     assert torch.isfinite(out).all() and out.dtype == torch.float32
     assert den.nfe == 2 + 1  # each autodiff JVP is one (counted) network call
     assert float((out - base).norm() / base.norm()) > 1e-6
+
+
+@pytest.mark.parametrize("method", ["lanczos", "nystrom"])
+def test_projected_jvp_curvature_is_the_compressed_operator(method):
+    den = _gmm(8)
+    t = 400.0
+    x = torch.randn(3, 8, generator=_gen(21), dtype=F64) * 6
+    a, _ = den.schedule.alpha_sigma(torch.tensor([t]))
+    n = x / x.norm(dim=1, keepdim=True)
+    A = jvp_curvature(den, x, t, float(a), 7, method=method, start=torch.randn(3, 8, generator=_gen(22), dtype=F64),
+                      generator=_gen(23), project=n)
+    P = torch.eye(8, dtype=F64) - n[:, :, None] * n[:, None, :]
+    assert float((A.U * n[:, :, None]).sum(1).abs().max()) < 1e-10  # eigenvectors orthogonal to n
+    dense = A.U @ torch.diag_embed(A.s) @ A.U.transpose(1, 2)  # rank 7 = the whole complement of n
+    torch.testing.assert_close(dense, P @ exact_curvature(den, x, t) @ P, rtol=1e-8, atol=1e-8)
+
+
+def test_radial_exclude_leaves_the_radial_part_of_the_step_to_the_base_solver():
+    den = CountingDenoiser(_gmm(80))
+    grid = den.schedule.grid(6, "trailing", style="dpmsolver")
+    x = _start(den, grid, 16, seed=7)
+    seen = []
+
+    class Spy(HessianStepCorrection):
+        def __call__(self, g, ctx):
+            out = super().__call__(g, ctx)
+            seen.append((flat(ctx.x).clone(), flat(out - g).clone()))
+            return out
+
+    corr = Spy("jvp", 2, only="first", radial="exclude")
+    out = sample_dpm_solver(den, x, grid, order=2, algorithm="dpmsolver++", correction=corr)
+    base = sample_dpm_solver(den, x, grid, order=2, algorithm="dpmsolver++")
+    assert torch.isfinite(out).all() and float((out - base).norm() / base.norm()) > 1e-4
+    xs, change = seen[0]
+    cos = (xs * change).sum(1) / (xs.norm(dim=1) * change.norm(dim=1))
+    assert float(cos.abs().max()) < 1e-10 and float(change.norm()) > 0  # the change is orthogonal to x
+    assert corr.jvp_calls == 2
+    with pytest.raises(ValueError, match="radial"):
+        HessianStepCorrection(radial="drop")

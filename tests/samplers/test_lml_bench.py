@@ -80,3 +80,20 @@ def test_fast_isotropic_jvp_equals_the_oracle():
         v = torch.randn(16, d, generator=torch.Generator().manual_seed(d + 1), dtype=torch.float64)
         torch.testing.assert_close(fast.jvp_x0(x, 300.0, v), den.jvp_x0(x, 300.0, v), rtol=1e-9, atol=1e-9)
         assert torch.equal(fast(x, 300.0).x0, den(x, 300.0).x0)
+
+
+def test_embedded_part_on_the_pixel_model():
+    rows = BL.embedded_rows(models=("mnist",), nfes=(4,), n_samples=6, batch_size=3, reference_steps=12,
+                            triples=(("dpm++2m", "jvp2-first-perp", False), ("dpm++2m", "jvp2-first-perp", True)),
+                            bases=("dpm++2m",))
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"dpm++2m", "dpm++2m+jvp2-first-perp", "dpm++2m+jvp2-first-perp+jvp"}
+    assert by["dpm++2m"]["nfe_counted"] == 4 and by["dpm++2m+jvp2-first-perp+jvp"]["nfe_counted"] == 6
+    assert by["dpm++2m+jvp2-first-perp"]["nfe_counted"] == 4  # 2 solver steps + 2 JVPs
+    for r in rows:
+        assert r["fid"] > 0 and 5 < r["psnr"] < 60 and 0 < r["ssim"] <= 1
+    # more steps are closer to the converged solution of the same start noise
+    more = BL.embedded_rows(models=("mnist",), nfes=(6,), n_samples=6, batch_size=3, reference_steps=12,
+                            triples=(), bases=("dpm++2m",))
+    assert more[0]["psnr"] > by["dpm++2m"]["psnr"]
+    assert "| dpm++2m+jvp2-first-perp | " in BL.format_embedded(rows)
