@@ -1063,6 +1063,9 @@ def _finalize(cfg: SweepConfig, out: Path, items: list[_Item], sweep_hash: str, 
             "seconds_per_image": float(np.mean([r[_RUN_KEY]["item_s"] for r in recs])) if recs else None,
             "method_seconds_per_image": float(np.mean([r[_RUN_KEY]["method_s"] for r in recs])) if recs else None,
         }
+        costs = [r.get("cost") or {} for r in recs]
+        row["cost"] = {k: float(np.mean([c.get(k, 0) for c in costs])) for k in COST_KEYS
+                       if any(isinstance(c.get(k), int | float) for c in costs)}
         missing: dict[str, str] = {}
         for r in recs:
             missing.update(r.get("missing") or {})
@@ -1122,6 +1125,11 @@ def _finalize(cfg: SweepConfig, out: Path, items: list[_Item], sweep_hash: str, 
     return summary, files, n_done
 
 
+#: counted passes of a method's cost record that the summaries average per image
+COST_KEYS = ("network_forward", "network_backward", "decoder_forward", "decoder_backward", "encoder_forward",
+             "encoder_backward")
+
+
 def _metric_columns(cfg: SweepConfig) -> list[str]:
     cols = list(cfg.metrics.paired)
     if cfg.metrics.fid:
@@ -1141,12 +1149,13 @@ def _csv_text(summary: list[dict[str, Any]], metrics: list[str]) -> str:
     for name in metrics:
         cols += [name, _sd_key(name)] if name != "fid" else [name]
     cols += ["seconds_per_image", "method_seconds_per_image", "config_hash"]
+    cost_cols = [k for k in COST_KEYS if any(k in (r.get("cost") or {}) for r in summary)]
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
+    w.writerow(cols + cost_cols)
     for row in summary:
         vals = []
-        for c in cols:
-            v = row.get(c)
+        for c in cols + cost_cols:
+            v = row.get(c) if c in cols else (row.get("cost") or {}).get(c)
             vals.append("" if v is None else (repr(v) if isinstance(v, float) else v))
         w.writerow(vals)
     return buf.getvalue()
@@ -1167,7 +1176,10 @@ def _markdown(cfg: SweepConfig, sweep_hash: str, summary: list[dict[str, Any]], 
     lines = [f"# Sweep `{cfg.name}`", "",
              f"configuration hash `{sweep_hash}`; {n_done} of {n_items} items done"
              + ("" if n_done == n_items else " (**partial results**)") + "; mean ± sd over images and seeds.", ""]
+    with_cost = any(r.get("cost") for r in summary)
     header = ["model", "task", "method", "steps", "NFE", "n", *metrics, "s / image"]
+    if with_cost:
+        header += ["network fwd / bwd", "decoder fwd / bwd"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|")
     notes: dict[str, str] = {}
@@ -1184,10 +1196,17 @@ def _markdown(cfg: SweepConfig, sweep_hash: str, summary: list[dict[str, Any]], 
             else:
                 cells.append(f"{_fmt(v)} ± {_fmt(row[_sd_key(name)], 2)}")
         cells.append(_fmt(row["seconds_per_image"], 3))
+        if with_cost:
+            c = row.get("cost") or {}
+            for a, b in (("network_forward", "network_backward"), ("decoder_forward", "decoder_backward")):
+                cells.append(f"{_fmt(c.get(a, 0.0))} / {_fmt(c.get(b, 0.0))}" if c else "—")
         lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines += ["", "Missing metrics:"]
         lines += [f"- **{k}**: {v}" for k, v in sorted(notes.items())]
+    if with_cost:
+        lines += ["", "Cost per image: NFE as each method's paper counts it; network / decoder passes as counted "
+                  "per image (a pass on a batch counts once for each image in it; mean over items)."]
     if any("fid" in r or "kid" in r for r in summary):
         feats = next((r.get("features") for r in summary if r.get("features")), None)
         nref = next((r.get("n_reference") for r in summary if r.get("n_reference") is not None), None)

@@ -46,6 +46,12 @@ LML_VARIANTS = {"lml-published": "published", "lml-hessian-step": "hessian-step"
                 "lml-matched-noise": "matched-noise"}
 
 
+#: correction arguments the command starts from (``--lml-option`` overrides them): the Hessian step leaves the
+#: radial direction to the base solver, as on a trained network the step that trusts the network's Jacobian
+#: along x destroys the samples (``hessdiff bench lml --parts embedded``, BENCHMARKS.md)
+LML_DEFAULTS: dict[str, dict[str, Any]] = {"hessian-step": {"radial": "exclude"}}
+
+
 def seed_filename(seed: int) -> str:
     """File name of one seed's image: ``seed0007.png``."""
     return f"seed{seed:04d}.png"
@@ -154,7 +160,8 @@ def sample_images(
         from hessdiff.samplers.lml import make_correction
 
         try:
-            correction = make_correction(corr_name, **dict(lml_options or {}))
+            opts = {**LML_DEFAULTS.get(corr_name, {}), **dict(lml_options or {})}
+            correction = make_correction(corr_name, **opts)
         except TypeError as exc:
             raise CLIError(f"bad --lml-option for {corr_name}: {exc}") from exc
     fn = get_solver(base)
@@ -182,7 +189,7 @@ def sample_images(
     shown = None
     if correction is not None:
         shown = repr(correction) if type(correction).__repr__ is not object.__repr__ else (
-            f"{type(correction).__name__}({', '.join(f'{k}={v!r}' for k, v in (lml_options or {}).items())})")
+            f"{type(correction).__name__}({', '.join(f'{k}={v!r}' for k, v in opts.items())})")
     report = {"sampler": base, "correction": corr_name, "correction_repr": shown,
               "nfe": counter.nfe // len(chunks), "extra": dict(counter.extra), "wall_time_s": wall,
               "steps": steps, "eta": kwargs.get("eta")}

@@ -262,6 +262,13 @@ def test_tiny_unet_generation_and_posterior_sampling(tmp_path):
     assert rep.complete and len(recs) == 8
     assert {r["nfe"] for k, r in recs.items() if "/dps/" in k} == {2}
     assert all(math.isfinite(r["metrics"]["psnr"]) for r in recs.values())
+    # the summaries average the counted passes: DPS runs one forward and one backward per step
+    rows = {r["method"]: r for r in json.loads((out / "summary.json").read_text())["configurations"]}
+    assert rows["dps"]["cost"]["network_forward"] == 2 and rows["dps"]["cost"]["network_backward"] == 2
+    assert rows["pinv"]["cost"] == {}
+    md = (out / "summary.md").read_text()
+    assert "| network fwd / bwd | decoder fwd / bwd |" in md and "| 2 / 2 | 0 / 0 |" in md
+    assert "network_forward" in (out / "summary.csv").read_text().splitlines()[0]
 
 
 def test_evaluate_folders_pairs_by_name(tmp_path):

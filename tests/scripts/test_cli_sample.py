@@ -107,6 +107,11 @@ def test_lml_samplers(sampler, extra, tmp_path, pixel_model_dir, capsys):
     assert "NFE 4 per image" in text and "Correction(" in text
     if sampler == "lml-published":
         assert "lamb=0.0008" in text
+    if sampler == "lml-hessian-step":  # the command's default for networks; --lml-option radial=keep overrides
+        assert "radial='exclude'" in text
+        assert _main("--model", str(pixel_model_dir), "--sampler", sampler, "--lml-option", "radial=keep", "--seeds",
+                     "0", "--out", str(tmp_path / "keep"), "--steps", "4", "--device", "cpu") == 0
+        assert "radial='keep'" in capsys.readouterr().out
 
 
 def test_published_lml_float64_is_the_base_solver(pixel_model_dir):
