@@ -84,3 +84,25 @@ def test_bench_needs_a_benchmark_name(capsys):
     assert "name a benchmark: gmm-prior" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "posterior-nonexistent"])
+
+
+def test_lml_render_of_saved_rows_and_embedded_argument_checks(tmp_path, capsys):
+    rows = tmp_path / "lml.jsonl"
+    base = {"part": "embedded", "command": "hessdiff bench lml --parts embedded", "model": "mnist", "nfe": 5,
+            "nfe_counted": 5, "fid": 2.5, "psnr": 20.0, "psnr_sd": 1.0, "ssim": 0.8, "ssim_sd": 0.1, "n_samples": 8,
+            "first_seed": 0, "reference_steps": 20, "spacing": "trailing", "wall_s": 1.0}
+    pairs = (("ddim", 18.5), ("dpm++2m", 21.25))
+    rows.write_text("\n".join(json.dumps({**base, "method": m, "psnr": p}) for m, p in pairs) + "\n")
+    bench_md = tmp_path / "B.md"
+    notes = tmp_path / "notes.md"
+    notes.write_text("**Summary.** measured notes")
+    assert main(["bench", "lml", "--render", str(rows), "--notes", str(notes),
+                 "--write-benchmarks", str(bench_md)]) == 0
+    text = bench_md.read_text()
+    assert "### The embedded models" in text and "| dpm++2m | 21.25 |" in text and "measured notes" in text
+    assert "    hessdiff bench lml --parts embedded" in text  # the command behind the rows is listed
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # argparse: not a part
+        main(["bench", "lml", "--parts", "nonsense"])
+    assert main(["bench", "lml", "--parts", "embedded", "--embedded-samples", "1"]) == 2
+    assert "--embedded-samples must be >= 2" in capsys.readouterr().err
