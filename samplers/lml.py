@@ -540,8 +540,9 @@ class HessianStepCorrection:
 
     Measured (``hessdiff bench lml``, BENCHMARKS.md): with exact curvature (Gaussian-mixture oracles)
     ``HessianStepCorrection("jvp", 2, only="first")`` (2 JVPs per run) on DPM-Solver++(2M) cuts the
-    sliced-W1 distance of the best base solver by 36-63 % at NFE 5 with the JVPs counted as evaluations, and the defaults
-    (``source="secant", rank=1, adaptive=True``) are the best zero-NFE setting there. On a trained
+    sliced-W1 distance of the best base solver by 36-63 % at NFE 5 with the JVPs counted as
+    evaluations, and the defaults (``source="secant", rank=1, adaptive=True``) are the best zero-NFE
+    setting there. On a trained
     network (the embedded MNIST models) both destroy the samples unless ``radial="exclude"``; with it
     they stay close to the base solver (secant on DPM-Solver++(2M), pixel DDPM: -3.4 dB PSNR to the
     converged ODE solution at NFE 5, +0.3 to +0.9 dB at NFE 8-20; latent model: -0.6 to -2.6 dB), while
