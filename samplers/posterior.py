@@ -339,6 +339,39 @@ def _finish(tracker: CostTracker, z: Tensor, x_in: Tensor, info: dict[str, Any] 
 
 
 # ================================================================================ DPS family
+def _run_first_order(
+    tracker: CostTracker,
+    loss_fn: Callable[[Tensor, Tensor, int], Tensor],
+    x: Tensor,
+    x_in: Tensor,
+    grid: TimeGrid,
+    *,
+    ddim_eta: float,
+    clip_x0: float | None,
+    placement: str,
+    generator: GeneratorArg,
+    callback: Callback | None,
+    progress: bool,
+    name: str,
+) -> PosteriorResult:
+    """The run shared by DPS, latent DPS and PSLD: the loop below, timed and measured, then the result
+    with NFE counted as those papers count it (one per step).
+
+    ``placement="after"`` (DPS Alg. 1 / PSLD Alg. 2, the released code): one network call at ``x_i``,
+    the DDIM/DDPM step ``x'_{i-1}`` from it, then ``x_{i-1} = x'_{i-1} - grad_{x_i} loss(x0_hat(x_i))``.
+    ``placement="before"``: ``x_i <- x_i - grad loss`` first, then a DDIM step from the moved point
+    (a second network call) -- the first-order form of STSL's update.
+    ``loss_fn(x0_hat, x_i, i)`` returns the per-sample objective, step size included.
+    """
+    with _measure(tracker.cost, x.device):
+        x = _first_order_loop(tracker, loss_fn, x, grid, ddim_eta=ddim_eta, clip_x0=clip_x0, placement=placement,
+                              generator=generator, callback=callback, progress=progress, name=name)
+        result = _finish(tracker, x, x_in)
+    tracker.cost.nfe = grid.num_steps
+    tracker.cost.nfe_convention = _FIRST_ORDER_NFE
+    return result
+
+
 def _first_order_loop(
     tracker: CostTracker,
     loss_fn: Callable[[Tensor, Tensor, int], Tensor],
@@ -353,14 +386,7 @@ def _first_order_loop(
     progress: bool,
     name: str,
 ) -> Tensor:
-    """The loop shared by DPS, latent DPS and PSLD.
-
-    ``placement="after"`` (DPS Alg. 1 / PSLD Alg. 2, the released code): one network call at ``x_i``,
-    the DDIM/DDPM step ``x'_{i-1}`` from it, then ``x_{i-1} = x'_{i-1} - grad_{x_i} loss(x0_hat(x_i))``.
-    ``placement="before"``: ``x_i <- x_i - grad loss`` first, then a DDIM step from the moved point
-    (a second network call) -- the first-order form of STSL's update.
-    ``loss_fn(x0_hat, x_i, i)`` returns the per-sample objective, step size included.
-    """
+    """The sampling loop of :func:`_run_first_order` (returns the final state)."""
     n = grid.num_steps
     for i in _progress(n, progress, name):
         t = grid.t[i]
@@ -443,13 +469,8 @@ def sample_dps(
     def loss(x0: Tensor, xt: Tensor, i: int) -> Tensor:
         return _dps_term(yb - operator(x0), zeta, norm)
 
-    with _measure(tracker.cost, x.device):
-        x = _first_order_loop(tracker, loss, x, grid, ddim_eta=ddim_eta, clip_x0=clip_x0, placement=placement,
-                              generator=generator, callback=callback, progress=progress, name="dps")
-        result = _finish(tracker, x, x_in)
-    tracker.cost.nfe = grid.num_steps
-    tracker.cost.nfe_convention = _FIRST_ORDER_NFE
-    return result
+    return _run_first_order(tracker, loss, x, x_in, grid, ddim_eta=ddim_eta, clip_x0=clip_x0, placement=placement,
+                            generator=generator, callback=callback, progress=progress, name="dps")
 
 
 def sample_latent_dps(
@@ -487,13 +508,8 @@ def sample_latent_dps(
     def loss(z0: Tensor, zt: Tensor, i: int) -> Tensor:
         return _dps_term(yb - operator(tracker.decode(z0)), zeta, norm)
 
-    with _measure(tracker.cost, z.device):
-        z = _first_order_loop(tracker, loss, z, grid, ddim_eta=ddim_eta, clip_x0=None, placement=placement,
-                              generator=generator, callback=callback, progress=progress, name="latent-dps")
-        result = _finish(tracker, z, z_in)
-    tracker.cost.nfe = grid.num_steps
-    tracker.cost.nfe_convention = _FIRST_ORDER_NFE
-    return result
+    return _run_first_order(tracker, loss, z, z_in, grid, ddim_eta=ddim_eta, clip_x0=None, placement=placement,
+                            generator=generator, callback=callback, progress=progress, name="latent-dps")
 
 
 def sample_psld(
@@ -545,13 +561,8 @@ def sample_psld(
             out = out + gamma * _norm(_gluing(tracker, operator, x, z0, y_back, gluing))
         return out
 
-    with _measure(tracker.cost, z.device):
-        z = _first_order_loop(tracker, loss, z, grid, ddim_eta=ddim_eta, clip_x0=None, placement="after",
-                              generator=generator, callback=callback, progress=progress, name="psld")
-        result = _finish(tracker, z, z_in)
-    tracker.cost.nfe = grid.num_steps
-    tracker.cost.nfe_convention = _FIRST_ORDER_NFE
-    return result
+    return _run_first_order(tracker, loss, z, z_in, grid, ddim_eta=ddim_eta, clip_x0=None, placement="after",
+                            generator=generator, callback=callback, progress=progress, name="psld")
 
 
 # ================================================================================ STSL
