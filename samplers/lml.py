@@ -617,11 +617,11 @@ class HessianStepCorrection:
         self._held: tuple[LowRankSym, float] | None = None
         self._since = 0
         self._pending: tuple[Tensor, Tensor] | None = None  # (x0_hat, predicted change) of the last step
-        self._n: Tensor | None = None  # unit radial direction per sample (radial="exclude")
         self.gains: list[Tensor] = []
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _curvature(self, ctx: StepContext, y: Tensor, eps: Tensor, rho: float) -> LowRankSym | None:
+    def _curvature(self, ctx: StepContext, y: Tensor, eps: Tensor, rho: float,
+                   radial: Tensor | None = None) -> LowRankSym | None:
         if self.secant is not None:
             return self.secant.estimate(rho)
         fresh = self.refresh == "every" or self._held is None or \
@@ -634,7 +634,7 @@ class HessianStepCorrection:
             return _transport(A0, rho0, rho)
         self.jvp_calls += self.rank
         A = jvp_curvature(ctx.denoiser, ctx.x, ctx.t, ctx.alpha, self.rank, method=self.method, start=eps,
-                          generator=self.generator, floor=self.floor, dtype=self.dtype, project=self._n)
+                          generator=self.generator, floor=self.floor, dtype=self.dtype, project=radial)
         self._held, self._since = (A, rho), 1
         return A
 
@@ -676,11 +676,11 @@ class HessianStepCorrection:
             self.secant.push(y, x0, rho)  # the newest pair joins the previous state and this one
         if skip:
             return g
-        self._n = None
+        n = None
         if self.radial == "exclude":  # correct only the part of the step orthogonal to x
-            self._n = x / x.norm(dim=1, keepdim=True).clamp(min=1e-300)
-            eps = eps - self._n * (self._n * eps).sum(1, keepdim=True)
-        A = self._curvature(ctx, y, eps, rho)
+            n = x / x.norm(dim=1, keepdim=True).clamp(min=1e-300)
+            eps = eps - n * (n * eps).sum(1, keepdim=True)
+        A = self._curvature(ctx, y, eps, rho, n)
         lam = self._update_damping(x0, B)
         if A is None or s <= 0:
             self._pending = None
