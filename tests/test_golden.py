@@ -461,7 +461,8 @@ def _pipeline():
     pipe = PosteriorSamplingPipeline.from_pipe(DDPMPipeline(unet=m.unet, scheduler=m.scheduler))
     x_clean = embedded_dataset("test")[5:6]
     meas = make_task("super_resolution", scale=2).measure(x_clean, seed=0)
-    out = pipe(meas, method="dps", num_inference_steps=4, generator=_gens(13, 2), num_samples=2, output_type="pt", progress=False)
+    out = pipe(meas, method="dps", num_inference_steps=4, generator=_gens(13, 2), num_samples=2, output_type="pt",
+               progress=False)
     return {"x": out.images}
 
 
