@@ -14,7 +14,7 @@ Problems (:class:`PriorProblem`):
   (:func:`~hessdiff.eval.distances.component_tv`). Reference rows (``method = "exact"``) hold the
   same metrics for a second, independent set of exact draws: the Monte-Carlo floor.
 * ``gauss-<d>`` -- ``N(0, diag(c))`` with a natural-image-like spectrum ``c`` (PAPERS.md 5.3,
-  :func:`~hessdiff.samplers.gmm.cifar_like_spectrum`; ``d = 3072`` is CIFAR-sized). Every
+  :func:`~hessdiff.samplers.oracles.gmm.cifar_like_spectrum`; ``d = 3072`` is CIFAR-sized). Every
   deterministic solver is then a per-coordinate linear map ``x -> g * x``; one run on a probe input
   gives the gain ``g``, and the output law ``N(0, g^2 v0)`` (``v0`` the exact start variance) has a
   closed-form ``W2`` to the target law: metric ``w2``, exact, no Monte Carlo. A method that is not
@@ -26,7 +26,7 @@ Problems (:class:`PriorProblem`):
 Protocol: for each seed, the starting points are ``n`` exact draws of the noised prior at the first
 grid point (so no error comes from the start), shared by all methods and NFEs of that seed; the
 grid comes from one schedule (default: diffusers' DDPM linear schedule,
-:func:`~hessdiff.samplers.gmm.default_gmm_schedule`) with one spacing for every method, and lands on
+:func:`~hessdiff.samplers.oracles.gmm.default_gmm_schedule`) with one spacing for every method, and lands on
 clean data (``sigma = 0``) unless ``final`` says otherwise; the target is the exact law at the grid's
 final point.
 
@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from hessdiff.eval.distances import component_tv, gaussian_w2, sliced_wasserstein
-from hessdiff.samplers.gmm import (
+from hessdiff.samplers.oracles.gmm import (
     GaussianMixture,
     GMMDenoiser,
     cifar_like_spectrum,

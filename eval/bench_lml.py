@@ -44,7 +44,6 @@ from hessdiff.eval.bench_gmm import (
     run_prior_benchmark,
 )
 from hessdiff.samplers.denoiser import CountingDenoiser
-from hessdiff.samplers.gmm import GMMDenoiser, default_gmm_schedule
 from hessdiff.samplers.lml import (
     HessianStepCorrection,
     LMLCorrection,
@@ -56,7 +55,8 @@ from hessdiff.samplers.lml import (
     lml_rounding_law,
     published_lambda,
 )
-from hessdiff.samplers.lowrank import flat
+from hessdiff.samplers.lml.lowrank import flat
+from hessdiff.samplers.oracles.gmm import GMMDenoiser, default_gmm_schedule
 from hessdiff.samplers.solvers import StepContext, sample_dpm_solver
 
 __all__ = [
@@ -226,7 +226,7 @@ def lml_methods(
 class FastIsotropicGMM:
     """The exact denoiser of a mixture with isotropic components, with an ``O(B K d)`` matmul JVP.
 
-    Forwards ``__call__``/``schedule``/everything else to a :class:`~hessdiff.samplers.gmm.GMMDenoiser`
+    Forwards ``__call__``/``schedule``/everything else to a :class:`~hessdiff.samplers.oracles.gmm.GMMDenoiser`
     and replaces ``jvp_x0`` by the closed form for ``Sigma_k = e_k I``: with ``v_k = alpha^2 e_k +
     sigma^2``, ``s_k = (alpha mu_k - x) / v_k``, ``(grad^2 log p) u = sum_k r_k (s_k <s_k, u> - u / v_k)
     - s <s, u>``, all through ``[B, K]`` matmuls (the general oracle forms ``[B, K, d]`` tensors, about

@@ -2,7 +2,7 @@
 
 Problem ``(d_x, d_y, sigma_y, i)``: the 25-component grid prior (identity covariances, uniform
 weights) in ``R^{d_x}``, the published seeding of ``A`` (``d_y x d_x``), ``x*`` and ``y = A x* +
-sigma_y n`` (:func:`~hessdiff.samplers.gmm.grid_gmm_problem`), ``i`` the replicate. The exact denoiser
+sigma_y n`` (:func:`~hessdiff.samplers.oracles.gmm.grid_gmm_problem`), ``i`` the replicate. The exact denoiser
 of the prior stands in for the network, so the only error is the sampler's; the exact posterior is
 again a mixture (:class:`GridPosterior`).
 
@@ -48,19 +48,19 @@ import torch
 from torch import Tensor
 
 from hessdiff.eval.distances import component_tv, posterior_mean_error, sliced_wasserstein
-from hessdiff.samplers.gmm import (
-    GRID_DIMS,
-    GRID_MEASUREMENT_DIMS,
-    GMMDenoiser,
-    default_gmm_schedule,
-    grid_gmm_problem,
-)
-from hessdiff.samplers.posterior import (
+from hessdiff.samplers.guidance import (
     PosteriorResult,
     sample_dps,
     sample_latent_dps,
     sample_psld,
     sample_stsl,
+)
+from hessdiff.samplers.oracles.gmm import (
+    GRID_DIMS,
+    GRID_MEASUREMENT_DIMS,
+    GMMDenoiser,
+    default_gmm_schedule,
+    grid_gmm_problem,
 )
 
 __all__ = [
@@ -98,7 +98,7 @@ class GridPosterior:
     covariance ``P = I - Aᵀ S⁻¹ A`` (precision ``I + AᵀA / sigma_y^2``), weight
     ``∝ w_k N(y; A mu_k, S)``. Sampling uses Matheron's rule (a prior draw ``x`` of component ``k``
     moved by ``Aᵀ S⁻¹ (y - A x - sigma_y n)``), so no ``d x d`` matrix is formed. Float64.
-    Duck-types the parts of :class:`~hessdiff.samplers.gmm.GaussianMixture` that
+    Duck-types the parts of :class:`~hessdiff.samplers.oracles.gmm.GaussianMixture` that
     :func:`~hessdiff.eval.distances.component_tv` uses.
     """
 
@@ -591,7 +591,7 @@ def time_latent_pipeline(
     repeats: int = 3,
     image_size: int = 64,
 ) -> list[dict[str, Any]]:
-    """Wall clock of :class:`~hessdiff.samplers.pipeline.PosteriorSamplingPipeline` runs with random-init
+    """Wall clock of :class:`~hessdiff.samplers.diffusers.pipeline.PosteriorSamplingPipeline` runs with random-init
     latent-diffusion components (a ``UNet2DModel`` with channels (64, 128) and one attention level on
     8x8x4 latents, an ``AutoencoderKL`` with channels (32, 64, 64, 64), 8x down-sampling, ``image_size``
     RGB images), x4 average-pooling super-resolution, batch 1, float32, CPU.
@@ -603,7 +603,7 @@ def time_latent_pipeline(
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 
-    from hessdiff.samplers.pipeline import PosteriorSamplingPipeline
+    from hessdiff.samplers.diffusers.pipeline import PosteriorSamplingPipeline
     from hessdiff.tasks.operators import SuperResolution
 
     torch.manual_seed(0)  # random-init weights (timing only); the sampler runs use explicit generators

@@ -105,7 +105,7 @@ def gaussian_w2(m1: Tensor, c1: Tensor, m2: Tensor, c2: Tensor) -> float:
 
 
 def component_tv(samples: Tensor, mixture: object) -> float:
-    """``0.5 sum_k |w_k - mean_i r_k(x_i)|`` for a :class:`~hessdiff.samplers.gmm.GaussianMixture`."""
+    """``0.5 sum_k |w_k - mean_i r_k(x_i)|`` for a :class:`~hessdiff.samplers.oracles.gmm.GaussianMixture`."""
     x = _flat64(samples, "samples")
     r = mixture.responsibilities(x.to(mixture.means.device))  # type: ignore[attr-defined]
     return float(0.5 * (r.mean(0) - mixture.weights).abs().sum())  # type: ignore[attr-defined]

@@ -33,8 +33,8 @@ Registering a method (e.g. from a plugin module or a new sampler)::
         ...
         return MethodResult(images, nfe=call.steps)
 
-``hessdiff.samplers.posterior``'s samplers (DPS, latent DPS, PSLD, STSL) are registered
-automatically under their :data:`~hessdiff.samplers.posterior.POSTERIOR_SAMPLERS` names, their
+``hessdiff.samplers.guidance``'s samplers (DPS, latent DPS, PSLD, STSL) are registered
+automatically under their :data:`~hessdiff.samplers.guidance.POSTERIOR_SAMPLERS` names, their
 options read from the functions' keyword arguments; a keyword without a default (STSL's ``lam``)
 is a required option.
 
@@ -404,7 +404,7 @@ def _posterior_method(name: str, fn: Callable[..., Any], latent: bool) -> Callab
 
 def _register_posterior_samplers() -> None:
     try:
-        from hessdiff.samplers import posterior
+        from hessdiff.samplers import guidance as posterior
     except Exception:  # noqa: BLE001 - optional: the module may be absent or broken in a checkout
         return
     latent_names = set(getattr(posterior, "LATENT_METHODS", ()))

@@ -10,7 +10,7 @@ from .denoiser import (
     UNetDenoiser,
     convert_prediction,
 )
-from .gmm import (
+from .oracles.gmm import (
     GaussianMixture,
     GMMDenoiser,
     GMMProblem,

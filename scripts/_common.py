@@ -280,10 +280,10 @@ def make_denoiser(model: Any, *, prompt: str = "", negative_prompt: str = "", gu
 
 def make_autoencoder(model: Any) -> Any:
     """The latent posterior samplers' ``autoencoder`` for a latent model:
-    :class:`hessdiff.samplers.pipeline.VAEAutoencoder` (float32 outputs whatever the VAE's dtype)."""
+    :class:`hessdiff.samplers.diffusers.pipeline.VAEAutoencoder` (float32 outputs whatever the VAE's dtype)."""
     if model.vae is None:
         raise ValueError(f"{model.source or 'this model'} is a pixel-space model and has no VAE")
-    from hessdiff.samplers.pipeline import VAEAutoencoder
+    from hessdiff.samplers.diffusers.pipeline import VAEAutoencoder
 
     return VAEAutoencoder(model.vae, scaling_factor=model.vae_scaling_factor)
 

@@ -121,7 +121,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 @dataclass
 class RestoreResult:
     """``restored``: the restoration ``[1, C, H, W]`` float32 on the CPU, in the image range [-1, 1]
-    (not clipped); ``cost``: the sampler's :class:`~hessdiff.samplers.posterior.Cost`; ``options``: the
+    (not clipped); ``cost``: the sampler's :class:`~hessdiff.samplers.guidance.Cost`; ``options``: the
     method options used."""
 
     restored: Tensor
@@ -135,7 +135,7 @@ class RestoreResult:
 def method_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
     """The options of ``method``: :data:`METHOD_DEFAULTS` updated with ``given``; unknown names raise
     :class:`CLIError` listing the accepted ones."""
-    from hessdiff.samplers.posterior import get_posterior_sampler
+    from hessdiff.samplers.guidance import get_posterior_sampler
 
     fn = get_posterior_sampler(method)
     accepted = [p.name for p in inspect.signature(fn).parameters.values()
@@ -151,7 +151,7 @@ def method_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
 
 def check_method(method: str, is_latent: bool, source: str) -> None:
     """Raise :class:`CLIError` when ``method`` is unknown or cannot run on a pixel / latent model."""
-    from hessdiff.samplers.posterior import LATENT_METHODS, POSTERIOR_SAMPLERS
+    from hessdiff.samplers.guidance import LATENT_METHODS, POSTERIOR_SAMPLERS
 
     if method not in POSTERIOR_SAMPLERS:
         raise CLIError(f"unknown method {method!r}; available: {', '.join(POSTERIOR_SAMPLERS)}")
@@ -183,7 +183,7 @@ def restore_image(
     takes the same generator, so the result depends only on the inputs and ``seed``. The network runs on
     its own device and dtype; the sampler's arithmetic is float32.
     """
-    from hessdiff.samplers.posterior import get_posterior_sampler
+    from hessdiff.samplers.guidance import get_posterior_sampler
     from hessdiff.scripts._common import StepProgress, make_autoencoder, make_denoiser
 
     method = method or default_method(model.is_latent)
@@ -314,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     params = parse_key_values(args.param, "--param")
     options = parse_key_values(args.option, "--option")
-    from hessdiff.samplers.posterior import POSTERIOR_SAMPLERS
+    from hessdiff.samplers.guidance import POSTERIOR_SAMPLERS
 
     method = args.method.replace("-", "_") if args.method else None
     if method is not None and method not in POSTERIOR_SAMPLERS:

@@ -51,7 +51,7 @@ def _gens(seed: int, n: int) -> list[torch.Generator]:
 
 # ------------------------------------------------------------------------------------------ oracles
 def _gmm(d: int = 8):
-    from hessdiff.samplers.gmm import GMMDenoiser, grid_gmm_prior
+    from hessdiff.samplers.oracles.gmm import GMMDenoiser, grid_gmm_prior
 
     return GMMDenoiser(grid_gmm_prior(d))
 
@@ -99,7 +99,7 @@ def _dpm_leading():
 
 
 def _flow_start(grid):
-    from hessdiff.samplers.gmm import grid_gmm_prior
+    from hessdiff.samplers.oracles.gmm import grid_gmm_prior
 
     x0 = grid_gmm_prior(8).sample(B, _gen(0))
     return float(grid.alpha[0]) * x0 + float(grid.sigma[0]) * torch.randn(B, 8, generator=_gen(1), dtype=DT)
@@ -107,7 +107,7 @@ def _flow_start(grid):
 
 @case("gmm/flow_euler")
 def _flow():
-    from hessdiff.samplers.gmm import GMMDenoiser, grid_gmm_prior
+    from hessdiff.samplers.oracles.gmm import GMMDenoiser, grid_gmm_prior
     from hessdiff.samplers.schedule import FlowMatchingSchedule
     from hessdiff.samplers.solvers import sample_flow_euler
 
@@ -124,7 +124,7 @@ def _corrected(solver: str, make, steps: int = 6, flow: bool = False, **kw):
         den = _gmm()
         grid, x = _prior_start(den, steps)
         if flow:
-            from hessdiff.samplers.gmm import GMMDenoiser, grid_gmm_prior
+            from hessdiff.samplers.oracles.gmm import GMMDenoiser, grid_gmm_prior
             from hessdiff.samplers.schedule import FlowMatchingSchedule
 
             den = GMMDenoiser(grid_gmm_prior(8), FlowMatchingSchedule(1000))
@@ -245,7 +245,7 @@ def _sample_lml_jvp():
 
 # -------------------------------------------------------------------------------- posterior, oracles
 def _problem():
-    from hessdiff.samplers.gmm import grid_gmm_problem
+    from hessdiff.samplers.oracles.gmm import grid_gmm_problem
     from hessdiff.tasks.operators import MatrixOperator
 
     prob = grid_gmm_problem(8, 2, 0, sigma_y=0.1)
@@ -253,7 +253,7 @@ def _problem():
 
 
 def _latent_problem():
-    from hessdiff.samplers.gmm import GaussianMixture, GMMDenoiser, LinearAutoencoder
+    from hessdiff.samplers.oracles.gmm import GaussianMixture, GMMDenoiser, LinearAutoencoder
     from hessdiff.tasks.operators import MatrixOperator
 
     g = _gen(11)
@@ -276,8 +276,8 @@ def _cost_tensors(res) -> dict[str, torch.Tensor]:
 
 def _posterior(name: str, steps: int = 8, **kw):
     def run():
-        from hessdiff.samplers import posterior
-        from hessdiff.samplers.gmm import GMMDenoiser
+        from hessdiff.samplers import guidance as posterior
+        from hessdiff.samplers.oracles.gmm import GMMDenoiser
 
         prob, op = _problem()
         den = GMMDenoiser(prob.prior)
@@ -289,7 +289,7 @@ def _posterior(name: str, steps: int = 8, **kw):
 
 def _latent_posterior(name: str, steps: int = 8, **kw):
     def run():
-        from hessdiff.samplers import posterior
+        from hessdiff.samplers import guidance as posterior
 
         den, ae, op, y = _latent_problem()
         grid = den.schedule.grid(steps, "leading")
@@ -329,7 +329,7 @@ for _n, _f, _kw in [
 
 @case("posterior/hutchinson")
 def _hutch():
-    from hessdiff.samplers.posterior import hutchinson_trace_fd
+    from hessdiff.samplers.guidance import hutchinson_trace_fd
 
     den = _gmm()
     z = torch.randn(B, 8, generator=_gen(9), dtype=DT)
@@ -397,7 +397,7 @@ case("mnist/hs_jvp_first_exclude")(_embedded_hs_jvp)
 
 def _embedded_posterior(model: str, method: str, steps: int = 4, **kw):
     def run():
-        from hessdiff.samplers import posterior
+        from hessdiff.samplers import guidance as posterior
         from hessdiff.samplers.models import embedded_dataset
         from hessdiff.tasks import make_task
 
@@ -409,7 +409,7 @@ def _embedded_posterior(model: str, method: str, steps: int = 4, **kw):
         fn = getattr(posterior, method)
         args = [den, meas.operator, meas.y.float(), x, grid]
         if m.is_latent:
-            from hessdiff.samplers.pipeline import VAEAutoencoder
+            from hessdiff.samplers.diffusers.pipeline import VAEAutoencoder
 
             args.append(VAEAutoencoder(m.vae, scaling_factor=m.vae_scaling_factor))
         res = fn(*args, generator=_gens(9, 2), **kw)
@@ -428,7 +428,7 @@ case("mnist-ldm/stsl")(_embedded_posterior("mnist-ldm", "sample_stsl", 3, lam=1.
 
 def _dropin(cls_name: str, model: str = "mnist", steps: int = 5, loose: bool = False, **cfg):
     def run():
-        from hessdiff.samplers import schedulers
+        from hessdiff.samplers.diffusers import schedulers
 
         m = _model(model)
         sched = getattr(schedulers, cls_name).from_config(m.scheduler.config, **cfg)
@@ -453,8 +453,8 @@ case("mnist/dropin_dpm_f64")(_dropin("LMLDPMSolverMultistepScheduler", precision
 def _pipeline():
     from diffusers import DDPMPipeline
 
+    from hessdiff.samplers.diffusers.pipeline import PosteriorSamplingPipeline
     from hessdiff.samplers.models import embedded_dataset
-    from hessdiff.samplers.pipeline import PosteriorSamplingPipeline
     from hessdiff.tasks import make_task
 
     m = _model("mnist")

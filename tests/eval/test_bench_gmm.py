@@ -7,7 +7,7 @@ import torch
 
 from hessdiff.eval import bench_gmm as B
 from hessdiff.eval.distances import component_tv
-from hessdiff.samplers.gmm import GaussianMixture, grid_gmm_prior
+from hessdiff.samplers.oracles.gmm import GaussianMixture, grid_gmm_prior
 from hessdiff.samplers.solvers import sample_ddim
 
 

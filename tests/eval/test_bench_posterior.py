@@ -13,7 +13,7 @@ from hessdiff.eval.bench_posterior import (
     load_rows,
     run_posterior_benchmark,
 )
-from hessdiff.samplers.gmm import GaussianMixture, grid_gmm_problem
+from hessdiff.samplers.oracles.gmm import GaussianMixture, grid_gmm_problem
 from hessdiff.scripts.cli import main as cli_main
 from hessdiff.tasks.operators import MatrixOperator
 

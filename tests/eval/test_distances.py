@@ -10,7 +10,7 @@ from hessdiff.eval.distances import (
     sliced_wasserstein,
     wasserstein1_1d,
 )
-from hessdiff.samplers.gmm import GaussianMixture
+from hessdiff.samplers.oracles.gmm import GaussianMixture
 
 
 def test_w1_1d_matches_scipy_equal_and_unequal_sizes():

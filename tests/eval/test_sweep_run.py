@@ -247,7 +247,7 @@ def test_tiny_unet_generation_and_posterior_sampling(tmp_path):
     from hessdiff.eval.sweep_methods import METHODS
 
     if "dps" not in METHODS:
-        pytest.skip("hessdiff.samplers.posterior is not importable in this checkout")
+        pytest.skip("hessdiff.samplers.guidance is not importable in this checkout")
     rest = {
         "sweep": {"seeds": [0]},
         "models": [{"name": str(model), "label": "tiny"}],

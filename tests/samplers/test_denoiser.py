@@ -11,7 +11,7 @@ from hessdiff.samplers.denoiser import (
     UNetDenoiser,
     convert_prediction,
 )
-from hessdiff.samplers.gmm import GaussianMixture, GMMDenoiser
+from hessdiff.samplers.oracles.gmm import GaussianMixture, GMMDenoiser
 from hessdiff.samplers.schedule import DiscreteVPSchedule, FlowMatchingSchedule
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hessdiff.samplers.gmm import (
+from hessdiff.samplers.oracles.gmm import (
     GaussianMixture,
     GMMDenoiser,
     LinearAutoencoder,

@@ -17,7 +17,6 @@ from hessdiff.samplers import (
     sample_dpm_solver,
     sample_flow_euler,
 )
-from hessdiff.samplers.gmm import default_gmm_schedule
 from hessdiff.samplers.lml import (
     HessianStepCorrection,
     LMLCorrection,
@@ -32,7 +31,8 @@ from hessdiff.samplers.lml import (
     lml_rounding_law,
     published_lambda,
 )
-from hessdiff.samplers.lowrank import flat
+from hessdiff.samplers.lml.lowrank import flat
+from hessdiff.samplers.oracles.gmm import default_gmm_schedule
 from hessdiff.samplers.schedule import FlowMatchingSchedule
 
 F64 = torch.float64

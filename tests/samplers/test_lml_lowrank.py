@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hessdiff.samplers.lowrank import (
+from hessdiff.samplers.lml.lowrank import (
     LowRankSym,
     lanczos,
     lowrank_eig,

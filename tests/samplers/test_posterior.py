@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from hessdiff.eval.distances import component_tv, posterior_mean_error, sliced_wasserstein
-from hessdiff.samplers.gmm import GaussianMixture, GMMDenoiser, LinearAutoencoder, grid_gmm_problem
-from hessdiff.samplers.posterior import (
+from hessdiff.samplers.guidance import (
     POSTERIOR_SAMPLERS,
     get_posterior_sampler,
     hutchinson_trace_fd,
@@ -17,6 +16,7 @@ from hessdiff.samplers.posterior import (
     sample_psld,
     sample_stsl,
 )
+from hessdiff.samplers.oracles.gmm import GaussianMixture, GMMDenoiser, LinearAutoencoder, grid_gmm_problem
 from hessdiff.samplers.solvers import sample_ddim
 from hessdiff.tasks.operators import MatrixOperator
 

@@ -16,7 +16,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from hessdiff.samplers.pipeline import PosteriorSamplingPipeline, VAEAutoencoder
+from hessdiff.samplers.diffusers.pipeline import PosteriorSamplingPipeline, VAEAutoencoder
 from hessdiff.tasks.operators import Inpainting, SuperResolution
 
 

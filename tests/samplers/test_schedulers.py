@@ -16,13 +16,13 @@ from diffusers import (
     UNet2DModel,
 )
 
-from hessdiff.samplers.lml import lm_correct
-from hessdiff.samplers.schedulers import (
+from hessdiff.samplers.diffusers.schedulers import (
     LMLDDIMScheduler,
     LMLDPMSolverMultistepScheduler,
     LMLFlowMatchEulerDiscreteScheduler,
     lml_scheduler_from,
 )
+from hessdiff.samplers.lml import lm_correct
 
 
 def _public(cfg) -> dict:

@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEuler
 
 from hessdiff.eval.distances import sliced_wasserstein
 from hessdiff.samplers.denoiser import CallableDenoiser, UNetDenoiser
-from hessdiff.samplers.gmm import GaussianMixture, GMMDenoiser, grid_gmm_prior
+from hessdiff.samplers.oracles.gmm import GaussianMixture, GMMDenoiser, grid_gmm_prior
 from hessdiff.samplers.schedule import (
     DiscreteVPSchedule,
     FlowMatchingSchedule,

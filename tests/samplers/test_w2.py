@@ -35,7 +35,7 @@ from hessdiff.eval.bench_gmm import (
     make_grid,
 )
 from hessdiff.eval.distances import gaussian_w2
-from hessdiff.samplers.gmm import GMMDenoiser, cifar_like_spectrum, default_gmm_schedule
+from hessdiff.samplers.oracles.gmm import GMMDenoiser, cifar_like_spectrum, default_gmm_schedule
 from hessdiff.samplers.solvers import sample_ddim
 
 NFES = (20, 40, 80, 160, 320)

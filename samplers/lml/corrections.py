@@ -15,7 +15,7 @@ Two families live here (see ``PAPERS.md`` section 1):
        A := d x0_hat / d y = alpha_t d x0_hat / d x_t = I - sigma_t^2 H_t,   H_t = -grad^2 log p_t,
 
    so ``A`` (symmetric, ``Cov[x0 | x_t] / rho^2``) carries the Hessian. A low-rank-plus-identity
-   approximation of ``A`` (:class:`~hessdiff.samplers.lowrank.LowRankSym`) comes from
+   approximation of ``A`` (:class:`~hessdiff.samplers.lml.lowrank.LowRankSym`) comes from
 
    * ``"jvp"``: ``k`` Jacobian-vector products of the denoiser (:func:`denoiser_jvp`; Lanczos from
      the update direction, or randomised Nystrom), ``k`` extra network evaluations per use;
@@ -42,9 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .denoiser import Prediction
+from ..denoiser import Prediction
+from ..solvers import StepContext
 from .lowrank import LowRankSym, flat, lanczos, nystrom, random_probes
-from .solvers import StepContext
 
 __all__ = [
     "PUBLISHED_LAMBDA",
@@ -874,7 +874,7 @@ class NewtonLangevinCorrector:
 
 
 def _randn(like: Tensor, generator: Any) -> Tensor:
-    from .solvers import randn_like
+    from ..solvers import randn_like
 
     return randn_like(like, generator)
 
@@ -906,7 +906,7 @@ def sample_lml(denoiser: Any, x: Tensor, grid: Any, *, solver: str = "dpm", lamb
     ``"euler"`` for flow matching). Remember what it does: with ``kappa = 0`` the result equals the
     base solver's up to float32 rounding noise (see :class:`LMLCorrection`).
     """
-    from .solvers import get_solver
+    from ..solvers import get_solver
 
     return get_solver(solver)(denoiser, x, grid, correction=LMLCorrection(lamb, kappa, precision), **solver_kwargs)
 
@@ -921,7 +921,7 @@ def sample_lml_jvp(denoiser: Any, x: Tensor, grid: Any, *, solver: str = "dpm++"
     or any differentiable network). Extra keywords go to :class:`HessianStepCorrection` when they
     are its parameters, otherwise to the solver.
     """
-    from .solvers import get_solver
+    from ..solvers import get_solver
 
     names = set(inspect.signature(HessianStepCorrection).parameters)
     ckw = {k: kwargs.pop(k) for k in list(kwargs) if k in names}

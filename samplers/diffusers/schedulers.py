@@ -52,9 +52,9 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEuler
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor
 
-from .denoiser import Prediction
-from .lml import PRECISIONS, HessianStepCorrection, LMLCorrection, _check_lamb_kappa
-from .solvers import StepContext
+from ..denoiser import Prediction
+from ..lml import PRECISIONS, HessianStepCorrection, LMLCorrection, _check_lamb_kappa
+from ..solvers import StepContext
 
 __all__ = [
     "LMLDDIMScheduler",

@@ -35,8 +35,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from .denoiser import Prediction, compute_dtype
-from .schedule import TimeGrid
+from ..denoiser import Prediction, compute_dtype
+from ..schedule import TimeGrid
 
 __all__ = [
     "StepContext",

@@ -16,8 +16,8 @@ Conventions shared by every sampler here:
 * ``x`` is the state at grid point 0 with the batch shape of the run (latent shape for the latent
   methods). For a VP grid starting near pure noise pass ``sigma_0 * randn``.
 * Latent methods take an ``autoencoder`` with ``decode(z) -> x`` and ``encode(x) -> z``
-  (:class:`~hessdiff.samplers.gmm.LinearAutoencoder`, or
-  :class:`~hessdiff.samplers.pipeline.VAEAutoencoder` for a diffusers VAE).
+  (:class:`~hessdiff.samplers.oracles.gmm.LinearAutoencoder`, or
+  :class:`~hessdiff.samplers.diffusers.pipeline.VAEAutoencoder` for a diffusers VAE).
 * Norms are per sample (the released DPS/PSLD code takes ``torch.linalg.norm`` over the whole batch
   and runs batch size 1, where the two coincide); losses are summed over the batch before
   ``torch.autograd.grad``, so samples never interact.
@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .denoiser import Prediction, compute_dtype
-from .schedule import TimeGrid
-from .solvers import _check_inputs, _progress, ddim_step, randn_like
+from ..denoiser import Prediction, compute_dtype
+from ..schedule import TimeGrid
+from ..solvers import _check_inputs, _progress, ddim_step, randn_like
 
 __all__ = [
     "Cost",

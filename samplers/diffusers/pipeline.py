@@ -3,7 +3,7 @@
 
 The pipeline takes an existing pipeline's components (``from_pipe(StableDiffusionPipeline)``,
 ``from_pipe(DDPMPipeline)``, or a UNet + scheduler + optional VAE / text encoder) and runs one of
-:data:`~hessdiff.samplers.posterior.POSTERIOR_SAMPLERS` -- the samplers own their loops (they take
+:data:`~hessdiff.samplers.guidance.POSTERIOR_SAMPLERS` -- the samplers own their loops (they take
 gradients through the network); only the scheduler's *config* is used, to build the noise schedule.
 
 Dtype: the UNet and VAE may be fp16/bf16; states, guidance gradients and all sampler arithmetic are
@@ -23,9 +23,9 @@ from diffusers.utils import BaseOutput
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .denoiser import UNetDenoiser
-from .posterior import LATENT_METHODS, POSTERIOR_SAMPLERS, Cost
-from .solvers import randn_like
+from ..denoiser import UNetDenoiser
+from ..guidance import LATENT_METHODS, POSTERIOR_SAMPLERS, Cost
+from ..solvers import randn_like
 
 __all__ = ["PosteriorSamplingPipeline", "PosteriorSamplingOutput", "VAEAutoencoder", "DEFAULT_STEPS",
            "DEFAULT_METHOD_OPTIONS"]

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .denoiser import Prediction, broadcast_time
-from .schedule import DiscreteVPSchedule, NoiseSchedule
+from ..denoiser import Prediction, broadcast_time
+from ..schedule import DiscreteVPSchedule, NoiseSchedule
 
 __all__ = [
     "GaussianMixture",

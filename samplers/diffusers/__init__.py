@@ -1,0 +1,1 @@
+"""diffusers integration: drop-in LML schedulers and the posterior-sampling pipeline."""
