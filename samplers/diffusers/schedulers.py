@@ -53,8 +53,9 @@ from diffusers.configuration_utils import register_to_config
 from torch import Tensor
 
 from ..denoiser import Prediction
-from ..lml import PRECISIONS, HessianStepCorrection, LMLCorrection, _check_lamb_kappa
-from ..solvers import StepContext
+from ..lml import PRECISIONS, HessianStepCorrection, LMLCorrection
+from ..lml import check_lamb_kappa as _check_lamb_kappa
+from ..loop import Proposal
 
 __all__ = [
     "LMLDDIMScheduler",
@@ -110,15 +111,16 @@ class _LMLMixin:
         self._secant = HessianStepCorrection("secant", 1, adaptive=True, precision="float64", radial="exclude") \
             if lml_variant == "secant" else None
 
-    def _secant_step(self, g: Tensor, kind: str, x: Tensor, x0: Tensor, eps: Tensor, alpha: float, sigma: float,
+    def _secant_step(self, g: Tensor, scale: float, x: Tensor, x0: Tensor, eps: Tensor, alpha: float, sigma: float,
                      alpha_next: float, sigma_next: float) -> Tensor:
-        """The secant Gaussian-step correction of ``g`` (``lml_variant="secant"``), in float64."""
+        """The secant Gaussian-step correction of the update ``g`` of the step ``base + scale * g``
+        (``lml_variant="secant"``), in float64."""
         assert self._secant is not None
         i = int(getattr(self, "step_index", None) or 0)  # DDIMScheduler keeps no step index
-        ctx = StepContext(i, len(self.timesteps), torch.tensor(float(i)), alpha, sigma, alpha_next, sigma_next,
-                          x.to(torch.float64), Prediction(eps=eps.to(torch.float64), x0=x0.to(torch.float64)), kind,
-                          type(self).__name__, None)
-        return self._secant(g.to(torch.float64), ctx)
+        f64 = torch.float64
+        prop = Proposal(i, len(self.timesteps), torch.tensor(float(i)), alpha, sigma, alpha_next, sigma_next,
+                        x.to(f64), Prediction(eps=eps.to(f64), x0=x0.to(f64)), g=g.to(f64), scale=scale)
+        return self._secant(prop)
 
     @property
     def lml_dtype(self) -> torch.dtype:
@@ -192,7 +194,7 @@ class LMLDDIMScheduler(_LMLMixin, DDIMScheduler):
                 raise ValueError("lml_variant='secant' needs deterministic DDIM (eta = 0)")
             a2 = float(abar)
             an2 = float(abar_prev)
-            eps_c = self._secant_step(eps, "eps", sample, x0, eps, a2**0.5, (1 - a2) ** 0.5, an2**0.5,
+            eps_c = self._secant_step(eps, max(1 - an2, 0.0) ** 0.5, sample, x0, eps, a2**0.5, (1 - a2) ** 0.5, an2**0.5,
                                       max(1 - an2, 0.0) ** 0.5)
             delta = coef * (eps_c.to(dt) - eps)
         prev = (out.prev_sample.to(dt) + delta).to(out.prev_sample.dtype)
@@ -239,10 +241,10 @@ class LMLDPMSolverMultistepScheduler(_LMLMixin, DPMSolverMultistepScheduler):
         m = self.model_outputs[-1].to(torch.float64)
         x = sample.to(torch.float64)
         if self.config.algorithm_type == "dpmsolver++":
-            x0, eps, kind = m, (x - a_s * m) / s_s, "increment++"
+            x0, eps = m, (x - a_s * m) / s_s
         else:
-            x0, eps, kind = (x - s_s * m) / a_s, m, "increment"
-        inc_c = self._secant_step(inc, kind, x, x0, eps, a_s, s_s, a_t, s_t)
+            x0, eps = (x - s_s * m) / a_s, m
+        inc_c = self._secant_step(inc, 1.0, x, x0, eps, a_s, s_s, a_t, s_t)
         return (base.to(torch.float64) + inc_c).to(base.dtype)
 
     def dpm_solver_first_order_update(self, model_output: Tensor, *args: Any, sample: Tensor | None = None,
@@ -281,7 +283,7 @@ class LMLFlowMatchEulerDiscreteScheduler(_LMLMixin, FlowMatchEulerDiscreteSchedu
             sig, sig_n = float(self.sigmas[i]), float(self.sigmas[i + 1])
             v = model_output.to(torch.float64)
             x = sample.to(torch.float64)
-            corrected = self._secant_step(v, "velocity", x, x - sig * v, x + (1 - sig) * v, 1 - sig, sig, 1 - sig_n,
+            corrected = self._secant_step(v, sig_n - sig, x, x - sig * v, x + (1 - sig) * v, 1 - sig, sig, 1 - sig_n,
                                           sig_n).to(torch.float32)
         out = super().step(corrected, timestep, sample, *args, return_dict=True, **kwargs)
         prev = out.prev_sample

@@ -43,7 +43,8 @@ from torch import Tensor
 
 from ..denoiser import Prediction, compute_dtype
 from ..schedule import TimeGrid
-from ..solvers import _check_inputs, _progress, ddim_step, randn_like
+from ..loop import check_inputs as _check_inputs, progress_range as _progress, randn_like
+from ..solvers import ddim_step
 
 __all__ = [
     "Cost",

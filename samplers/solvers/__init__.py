@@ -1,4 +1,93 @@
-"""Base diffusion solvers over the denoiser contract."""
+"""Base diffusion solvers: DDIM, multistep DPM-Solver / DPM-Solver++ (orders 1--3) and flow-matching
+Euler, each a :class:`~hessdiff.samplers.loop.Method` step of :func:`~hessdiff.samplers.loop.sample`.
 
-from .base import *  # noqa: F401,F403
-from .base import __all__, _check_inputs, _progress  # noqa: F401
+The ``sample_*`` functions are the plain-call form: ``sample_x(denoiser, x, grid, *, ...,
+generator=None, correction=None, corrector=None, callback=None, progress=False) -> Tensor``, with
+``x`` the state at grid point 0 (for a VP schedule starting near pure noise, ``sigma_0 * randn``).
+See :mod:`hessdiff.samplers.loop` for the correction and corrector hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from ..loop import Method, StepContext, StepCorrection, randn_like, sample
+from ..schedule import TimeGrid
+from .ddim import DDIM, ddim_step, ddim_variance
+from .dpm import DPMSolver, dpm_orders
+from .euler import FlowEuler
+
+__all__ = [
+    "DDIM", "DPMSolver", "FlowEuler", "ddim_step", "ddim_variance", "dpm_orders", "StepContext", "StepCorrection",
+    "randn_like", "sample_ddim", "sample_dpm_solver", "sample_dpm_solver_pp", "sample_flow_euler", "SOLVERS",
+    "get_solver", "make_solver",
+]
+
+
+def _run(method: Method, denoiser: Any, x: Tensor, grid: TimeGrid, **hooks: Any) -> Tensor:
+    return sample(denoiser, x, grid, method, **hooks).samples
+
+
+def sample_ddim(denoiser: Any, x: Tensor, grid: TimeGrid, *, eta: float = 0.0, **hooks: Any) -> Tensor:
+    """DDIM (:class:`DDIM`) with stochasticity ``eta``; ``hooks``: ``generator``, ``correction``,
+    ``corrector``, ``callback``, ``progress``."""
+    return _run(DDIM(eta), denoiser, x, grid, **hooks)
+
+
+def sample_dpm_solver(denoiser: Any, x: Tensor, grid: TimeGrid, *, order: int = 3, algorithm: str = "dpmsolver++",
+                      solver_type: str = "midpoint", lower_order_final: bool = True, **hooks: Any) -> Tensor:
+    """Multistep DPM-Solver / DPM-Solver++ (:class:`DPMSolver`)."""
+    return _run(DPMSolver(order, algorithm, solver_type, lower_order_final), denoiser, x, grid, **hooks)
+
+
+def sample_dpm_solver_pp(denoiser: Any, x: Tensor, grid: TimeGrid, **kwargs: Any) -> Tensor:
+    """DPM-Solver++ (data prediction); see :func:`sample_dpm_solver`. Default order 2 (2M)."""
+    kwargs.setdefault("order", 2)
+    return sample_dpm_solver(denoiser, x, grid, algorithm="dpmsolver++", **kwargs)
+
+
+def sample_flow_euler(denoiser: Any, x: Tensor, grid: TimeGrid, **hooks: Any) -> Tensor:
+    """Euler on the flow-matching ODE (:class:`FlowEuler`)."""
+    return _run(FlowEuler(), denoiser, x, grid, **hooks)
+
+
+def _dpm3(denoiser: Any, x: Tensor, grid: TimeGrid, **kw: Any) -> Tensor:
+    kw.setdefault("order", 3)
+    return sample_dpm_solver(denoiser, x, grid, algorithm="dpmsolver", **kw)
+
+
+#: name -> solver function (all take ``denoiser, x, grid`` and the common keywords)
+SOLVERS: dict[str, Callable[..., Tensor]] = {
+    "ddim": sample_ddim,
+    "dpm": _dpm3,
+    "dpm++": sample_dpm_solver_pp,
+    "euler": sample_flow_euler,
+}
+
+_METHODS: dict[str, Callable[..., Method]] = {
+    "ddim": DDIM,
+    "dpm": lambda **kw: DPMSolver(**{"order": 3, **kw, "algorithm": "dpmsolver"}),
+    "dpm++": lambda **kw: DPMSolver(**{"order": 2, **kw, "algorithm": "dpmsolver++"}),
+    "euler": FlowEuler,
+}
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"unknown solver {name!r}; available: {', '.join(SOLVERS)}")
+
+
+def get_solver(name: str) -> Callable[..., Tensor]:
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        raise _unknown(name) from None
+
+
+def make_solver(name: str, **options: Any) -> Method:
+    """The solver ``name`` (a key of :data:`SOLVERS`) as a loop method, e.g. ``make_solver("dpm++", order=3)``."""
+    if name not in _METHODS:
+        raise _unknown(name)
+    return _METHODS[name](**options)

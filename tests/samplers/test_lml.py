@@ -23,13 +23,13 @@ from hessdiff.samplers.lml import (
     MatchedNoiseCorrection,
     NewtonLangevinCorrector,
     SecantCurvature,
-    _secant_to_level,
     denoiser_jvp,
     exact_curvature,
     jvp_curvature,
     lm_correct,
     lml_rounding_law,
     published_lambda,
+    secant_to_level,
 )
 from hessdiff.samplers.lml.lowrank import flat
 from hessdiff.samplers.oracles.gmm import default_gmm_schedule
@@ -197,9 +197,9 @@ class _Spy:
         if self.inner is not None:
             self.inner.reset()
 
-    def __call__(self, g, ctx):
-        out = g if self.inner is None else self.inner(g, ctx)
-        self.calls.append((g.detach().clone(), out.detach().clone(), ctx.kind))
+    def __call__(self, p):
+        out = p.g if self.inner is None else self.inner(p)
+        self.calls.append((p.g.detach().clone(), out.detach().clone(), p.scale))
         return out
 
 
@@ -246,7 +246,7 @@ def test_matched_noise_control_has_the_published_size():
     lamb = 3.4e-8 * 3072 / 1e-3
     ctl = MatchedNoiseCorrection(lamb=lamb, seed=0)
     ctl.reset()
-    out = ctl(g, None)
+    out = ctl(g)
     lml = lm_correct(g, None, lamb)
     d_ctl = (out.double() - g.double()).norm(dim=1)
     d_lml = (lml.double() - g.double()).norm(dim=1)
@@ -254,12 +254,12 @@ def test_matched_noise_control_has_the_published_size():
     torch.testing.assert_close(out.double().norm(dim=1), g.double().norm(dim=1), rtol=1e-6, atol=0)
     # in the saturated regime too (the published map returns a random sparse vector there)
     sat = MatchedNoiseCorrection(lamb=3.4e-8 * 3072 / 3.0, seed=1)
-    out_s = sat(g, None)
+    out_s = sat(g)
     d_s = (lm_correct(g, None, 3.4e-8 * 3072 / 3.0).double() - g.double()).norm(dim=1)
     torch.testing.assert_close((out_s.double() - g.double()).norm(dim=1), d_s, rtol=1e-5, atol=0)
     assert float(((out - lml).double().norm(dim=1) / d_lml).min()) > 0.5  # a different direction
     ctl.reset()
-    assert torch.equal(ctl(g, None), out)  # reproducible from its seed
+    assert torch.equal(ctl(g), out)  # reproducible from its seed
 
 
 def _tiny_unet(dtype: torch.dtype):
@@ -376,7 +376,7 @@ def test_secant_transport_inverts_the_gaussian_ratio():
     c = torch.tensor([1e-3, 0.1, 1.0, 30.0], dtype=F64)
     r1, r2, rho = 2.0, 0.7, 0.3
     m = c / torch.sqrt((c + r1**2) * (c + r2**2))
-    torch.testing.assert_close(_secant_to_level(m, r1, r2, rho), c / (c + rho**2), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(secant_to_level(m, r1, r2, rho), c / (c + rho**2), rtol=1e-10, atol=1e-12)
     sc = SecantCurvature(rank=2)
     assert sc.estimate(1.0) is None
     with pytest.raises(ValueError, match="rank"):
@@ -454,7 +454,7 @@ def _corrector_ctx(den, t, x):
     from hessdiff.samplers.solvers import StepContext
 
     a, s = (float(v) for v in den.schedule.alpha_sigma(torch.tensor([t])))
-    return StepContext(0, 1, torch.tensor(t, dtype=F64), a, s, a, s, x, den(x, t), "eps", "ddim", den, _gen(99))
+    return StepContext(0, 1, torch.tensor(t, dtype=F64), a, s, a, s, x, den(x, t), den, _gen(99))
 
 
 def test_newton_langevin_ou_corrector_preserves_and_finds_the_gaussian_level():
@@ -560,9 +560,9 @@ def test_radial_exclude_leaves_the_radial_part_of_the_step_to_the_base_solver():
     seen = []
 
     class Spy(HessianStepCorrection):
-        def __call__(self, g, ctx):
-            out = super().__call__(g, ctx)
-            seen.append((flat(ctx.x).clone(), flat(out - g).clone()))
+        def __call__(self, p):
+            out = super().__call__(p)
+            seen.append((flat(p.x).clone(), flat(out - p.g).clone()))
             return out
 
     corr = Spy("jvp", 2, only="first", radial="exclude")

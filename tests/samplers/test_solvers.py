@@ -14,8 +14,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
-from hessdiff.eval.distances import sliced_wasserstein
+from hessdiff.eval.metrics.distances import sliced_wasserstein
 from hessdiff.samplers.denoiser import CallableDenoiser, UNetDenoiser
+from hessdiff.samplers.loop import Proposal
 from hessdiff.samplers.oracles.gmm import GaussianMixture, GMMDenoiser, grid_gmm_prior
 from hessdiff.samplers.schedule import (
     DiscreteVPSchedule,
@@ -330,9 +331,21 @@ class _Recorder:
     def reset(self) -> None:
         self.resets += 1
 
-    def __call__(self, g: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        self.calls.append(ctx)
-        return g if self.scale == 1.0 else self.scale * g
+    def __call__(self, p: Proposal) -> torch.Tensor:
+        self.calls.append(p)
+        return p.g if self.scale == 1.0 else self.scale * p.g
+
+
+def _update_vector(p: Proposal, kind: str) -> torch.Tensor:
+    """What each solver's paper preconditions: DDIM the noise estimate, DPM-Solver the increment over
+    its exponential-integrator base, flow Euler the velocity."""
+    if kind == "eps":
+        return p.pred.eps
+    if kind == "velocity":
+        return p.pred.eps - p.pred.x0
+    base = (p.sigma_next / p.sigma) * p.x if kind == "increment++" else (p.alpha_next / p.alpha) * p.x
+    assert torch.equal(p.offset, base)
+    return p.g
 
 
 def test_correction_hook(gmm):
@@ -346,9 +359,13 @@ def test_correction_hook(gmm):
         ident = _Recorder(1.0)
         assert torch.equal(run(ident), base), f"{name}: an identity correction changed the samples"
         assert ident.resets == 1 and len(ident.calls) == grid.num_steps
-        assert all(c.kind == kind for c in ident.calls), name
+        # the proposal is the base solver's step: offset + scale * g, and g is the update vector of its kind
+        assert all(torch.equal(c.g, _update_vector(c, kind)) for c in ident.calls), name
+        last = ident.calls[-1]
+        if "eta" not in kw:  # (DDIM with eta > 0 adds its noise after the proposal)
+            torch.testing.assert_close(last.offset + last.scale * last.g, base, rtol=0, atol=1e-12)
         assert [c.i for c in ident.calls] == list(range(grid.num_steps))
-        assert ident.calls[0].denoiser is den
+        assert ident.calls[0].denoiser.inner is den
         run(ident)
         assert ident.resets == 2  # once per run
         scaled = run(_Recorder(1.1))

@@ -1,0 +1,291 @@
+"""Curvature of the diffusion prior from the denoiser: ``A = d x0_hat / d y = I - sigma^2 H``.
+
+With ``y = x_t / alpha_t`` and ``rho = sigma_t / alpha_t``, ``A = alpha_t d x0_hat / d x_t`` (symmetric,
+``Cov[x0 | x_t] / rho^2``) carries the Hessian ``H_t = -grad^2 log p_t``. Its low-rank-plus-identity
+approximations (:class:`~hessdiff.samplers.lml.lowrank.LowRankSym`) come from ``k`` Jacobian-vector
+products (:func:`jvp_curvature`: Lanczos from a direction, or randomised Nystrom) or, at zero extra
+evaluations, from the states a solver visits (:class:`SecantCurvature`). The curvature *sources*
+(:class:`JVPSource`, :class:`SecantSource`) are the small objects a Hessian step asks for an estimate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .lowrank import LowRankSym, flat, lanczos, nystrom, random_probes
+
+__all__ = [
+    "denoiser_jvp", "jvp_curvature", "exact_curvature", "hessian_from_curvature", "SecantCurvature",
+    "transport", "secant_to_level", "floor_value", "JVPSource", "SecantSource",
+]
+
+def denoiser_jvp(denoiser: Any, x: Tensor, t: Tensor | float, v: Tensor) -> Tensor:
+    """``(d x0_hat / d x_t) v`` for any denoiser (same shape as ``x``).
+
+    Uses the denoiser's own ``jvp_x0(x, t, v)`` when it has one (the exact Gaussian-mixture
+    oracle), otherwise forward-mode autodiff (``torch.func.jvp``) through ``denoiser(x, t).x0``,
+    falling back to the double-backward trick (``J v = d/du <J^T u, v>``) for models whose operators
+    lack forward-mode rules. One call costs about one network evaluation (forward mode) or three
+    (double backward). The result is in ``x``'s compute dtype.
+    """
+    if v.shape != x.shape:
+        raise ValueError(f"v must have x's shape {tuple(x.shape)}, got {tuple(v.shape)}")
+    oracle = getattr(denoiser, "jvp_x0", None)
+    if callable(oracle):
+        return oracle(x, t, v.to(x.dtype))
+    v = v.to(x.dtype)
+
+    def f(z: Tensor) -> Tensor:
+        return denoiser(z, t).x0
+
+    # fused attention kernels have no forward-mode / double-backward rules: use the math backend
+    with _math_attention():
+        try:
+            with torch.enable_grad():
+                _, jv = torch.func.jvp(f, (x.detach(),), (v,))
+            return jv.detach()
+        except (RuntimeError, NotImplementedError, TypeError):
+            pass
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            out = f(xr)
+            u = torch.zeros_like(out, requires_grad=True)
+            (jtu,) = torch.autograd.grad(out, xr, grad_outputs=u, create_graph=True)
+            (jv,) = torch.autograd.grad(jtu, u, grad_outputs=v.to(jtu.dtype))
+    return jv.detach().to(x.dtype)
+
+
+def _math_attention() -> Any:
+    """A context selecting PyTorch's math attention backend (differentiable to any order)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    except ImportError:  # torch < 2.3
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def floor_value(A: LowRankSym, floor: str | float) -> Tensor:
+    if isinstance(floor, int | float) and not isinstance(floor, bool):
+        return torch.full_like(A.s0, float(floor))
+    if floor == "zero":
+        return torch.zeros_like(A.s0)
+    if floor == "min":
+        if A.rank == 0:
+            return torch.zeros_like(A.s0)
+        used = A.U.norm(dim=1) > 0.5
+        big = torch.full_like(A.s, float("inf"))
+        m = torch.where(used, A.s, big).amin(1)
+        return torch.where(torch.isfinite(m), m, torch.zeros_like(m)).clamp(min=0.0)
+    raise ValueError(f"unknown floor {floor!r}; expected 'zero', 'min' or a number")
+
+
+def jvp_curvature(
+    denoiser: Any,
+    x: Tensor,
+    t: Tensor | float,
+    alpha: float,
+    k: int,
+    *,
+    method: str = "lanczos",
+    start: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    floor: str | float = "zero",
+    dtype: torch.dtype = torch.float64,
+    project: Tensor | None = None,
+) -> LowRankSym:
+    """A rank-``k`` eigen-form of ``A = alpha d x0_hat/d x_t`` at ``(x, t)`` from ``k`` JVPs.
+
+    method: ``"lanczos"`` (Krylov space of ``start``; best for ``f(A) start``) or ``"nystrom"``
+      (``k`` random orthonormal probes from ``generator``; a global approximation).
+    floor: the eigenvalue given to the orthogonal complement: ``"zero"`` (data near a
+      ``k``-dimensional set, ``H = I / sigma^2`` off it), ``"min"`` (the smallest estimated
+      eigenvalue, for a low-rank-plus-identity ``A``) or a number.
+    project: unit vectors ``[B, d]`` (one per sample) to leave out: the estimate is then of
+      ``P A P`` with ``P = I - n n^T`` (start and probes projected, every product projected), so its
+      eigenvectors are orthogonal to ``n``.
+    """
+    B = x.shape[0]
+    d = flat(x).shape[1]
+    if not 1 <= k <= d:
+        raise ValueError(f"rank k must be in [1, {d}], got {k}")
+    n = None if project is None else flat(project).to(dtype)
+
+    def proj(v: Tensor) -> Tensor:
+        return v if n is None else v - n * (n * v).sum(1, keepdim=True)
+
+    def matvec(v: Tensor) -> Tensor:
+        jv = denoiser_jvp(denoiser, x, t, proj(v).reshape(x.shape).to(x.dtype))
+        return proj(alpha * flat(jv).to(dtype))
+
+    if method == "lanczos":
+        v0 = flat(start).to(dtype) if start is not None else \
+            torch.randn(B, d, generator=generator, dtype=dtype,
+                        device=generator.device if generator is not None else x.device).to(x.device)
+        A = lanczos(matvec, proj(v0), k, generator=generator, project=proj)
+    elif method == "nystrom":
+        Om = random_probes(B, d, k, generator=generator, dtype=dtype, device=x.device)
+        if n is not None:  # probes in the complement of n, re-orthonormalised
+            Om = torch.linalg.qr(Om - n[:, :, None] * (n[:, :, None] * Om).sum(1, keepdim=True))[0]
+        Y = torch.stack([matvec(Om[:, :, j]) for j in range(k)], dim=2)
+        A = nystrom(Om, Y)
+    else:
+        raise ValueError(f"unknown method {method!r}; expected 'lanczos' or 'nystrom'")
+    return LowRankSym(A.U, A.s, floor_value(A, floor))
+
+
+def exact_curvature(denoiser: Any, x: Tensor, t: Tensor | float) -> Tensor:
+    """The exact ``A = I + sigma^2 grad^2 log p_t`` ``[B, d, d]`` from an oracle with ``hessian``."""
+    hess = getattr(denoiser, "hessian", None)
+    if not callable(hess):
+        raise TypeError(f"{type(denoiser).__name__} has no exact hessian(x, t); use GMMDenoiser")
+    Hl = hess(x, t)
+    tt = torch.as_tensor(t, dtype=torch.float64)
+    _, s = denoiser.schedule.alpha_sigma(tt.reshape(-1)[:1])
+    eye = torch.eye(Hl.shape[-1], dtype=Hl.dtype, device=Hl.device)
+    return eye + float(s) ** 2 * Hl
+
+
+def hessian_from_curvature(A: LowRankSym, sigma: float) -> LowRankSym:
+    """``H = (I - A) / sigma^2`` in the same eigen-form."""
+    if sigma <= 0:
+        raise ValueError("the Hessian of log p_t needs sigma > 0")
+    return A.map(lambda a: (1.0 - a) / sigma**2)
+
+
+class SecantCurvature:
+    """Zero-NFE secant estimate of ``A`` from the states a solver visits.
+
+    Derivation (``y = x / alpha``, ``rho = sigma / alpha``, ``y = x0 + rho eps``): differentiating
+    Tweedie's ``x0_hat(y, rho) = E[x0 | y]`` in ``rho`` at fixed ``y`` gives
+    ``d_rho x0_hat = 2 A (x0_hat - y) / rho + T / rho^3`` with ``T = E[(x0 - x0_hat) |x0 - x0_hat|^2 | y]``
+    (zero for a Gaussian posterior). Along the probability-flow ODE ``dy/drho = eps_hat =
+    (y - x0_hat) / rho``, so ``d x0_hat / drho = A eps_hat - 2 A eps_hat + T/rho^3 = -A dy/drho + T/rho^3``:
+    **along the trajectory** ``d x0_hat = -A dy`` (not ``+A dy``: the explicit noise-level dependence
+    flips the sign). Consecutive states therefore give secant pairs ``(dy, -d x0_hat)``.
+
+    For a Gaussian direction of data variance ``c`` the exact secant ratio between noise levels
+    ``rho_1, rho_2`` is ``m = c / sqrt((c + rho_1^2)(c + rho_2^2))``; each estimated eigenvalue ``m``
+    is converted to ``c`` and transported to the current level, ``a = c / (c + rho^2)``.
+    The estimate is the rank-``k`` Nystrom/quasi-Newton matrix of the last ``k`` pairs; used inside a
+    solver, the current state is pushed first, so the newest pair ends at the current state (this
+    measured clearly better than using only pairs of earlier states).
+    """
+
+    def __init__(self, rank: int = 1, floor: str | float = "min") -> None:
+        if rank < 1:
+            raise ValueError(f"secant rank must be >= 1, got {rank}")
+        self.rank = int(rank)
+        self.floor = floor
+        self.reset()
+
+    def reset(self) -> None:
+        self.states: list[tuple[Tensor, Tensor, float]] = []
+
+    def push(self, y: Tensor, x0: Tensor, rho: float) -> None:
+        """Record a visited state (``y``, ``x0_hat`` flattened float64 ``[B, d]``, ``rho``)."""
+        if self.states and self.states[-1][0].shape != y.shape:
+            self.reset()
+        self.states.append((y, x0, float(rho)))
+        self.states = self.states[-(self.rank + 1):]
+
+    @property
+    def ready(self) -> bool:
+        return len(self.states) >= 2
+
+    def estimate(self, rho_now: float) -> LowRankSym | None:
+        """The transported estimate of ``A`` at noise level ``rho_now`` (``None`` before 2 states)."""
+        if not self.ready:
+            return None
+        S = torch.stack([self.states[j + 1][0] - self.states[j][0] for j in range(len(self.states) - 1)], 2)
+        Y = torch.stack([-(self.states[j + 1][1] - self.states[j][1]) for j in range(len(self.states) - 1)], 2)
+        Am = nystrom(S, Y)
+        r1, r2 = self.states[-2][2], self.states[-1][2]
+        m = Am.s.clamp(0.0, 1.0 - 1e-9)
+        a = secant_to_level(m, r1, r2, rho_now)
+        A = LowRankSym(Am.U, a, torch.zeros_like(Am.s0))
+        return LowRankSym(A.U, A.s, floor_value(A, self.floor))
+
+
+def transport(A: LowRankSym, rho_from: float, rho_to: float) -> LowRankSym:
+    """Move an estimate of ``A`` between noise levels as a Gaussian would: each eigenvalue ``a`` is a
+    data variance ``c = rho^2 a / (1 - a)`` seen at ``rho``; at ``rho_to`` it reads ``c / (c + rho_to^2)``."""
+    def mv(a: Tensor) -> Tensor:
+        a = a.clamp(0.0, 1.0 - 1e-12)
+        c = rho_from**2 * a / (1 - a)
+        return c / (c + rho_to**2)
+    return A.map(mv)
+
+
+def secant_to_level(m: Tensor, r1: float, r2: float, rho: float) -> Tensor:
+    """Solve ``m = c / sqrt((c + r1^2)(c + r2^2))`` for ``c >= 0`` and return ``c / (c + rho^2)``."""
+    m2 = m * m
+    p, q = r1 * r1 + r2 * r2, (r1 * r2) ** 2
+    disc = (m2 * p) ** 2 + 4 * (1 - m2) * m2 * q
+    c = (m2 * p + disc.clamp(min=0).sqrt()) / (2 * (1 - m2))
+    return c / (c + rho * rho)
+
+
+# ---------------------------------------------------------------------------------------- sources
+class SecantSource:
+    """Zero-NFE curvature: the secant estimate of the states the solver visits (:class:`SecantCurvature`).
+    Needs one previous step, so the first step gets no estimate."""
+
+    jvp_calls = 0
+
+    def __init__(self, rank: int = 1, floor: str | float = "min") -> None:
+        self.secant = SecantCurvature(rank, floor)
+
+    def reset(self) -> None:
+        self.secant.reset()
+
+    def observe(self, y: Tensor, x0: Tensor, rho: float) -> None:
+        self.secant.push(y, x0, rho)  # the newest pair joins the previous state and this one
+
+    def estimate(self, ctx: Any, eps: Tensor, rho: float, project: Tensor | None) -> LowRankSym | None:
+        return self.secant.estimate(rho)
+
+
+class JVPSource:
+    """``rank`` JVPs of the denoiser per estimate (:func:`jvp_curvature`, Lanczos started at the update
+    direction or random Nystrom probes). ``refresh="first"`` (or every ``refresh`` steps) computes it
+    once and transports it to later levels as a Gaussian would; ``hold`` limits for how many steps."""
+
+    def __init__(self, rank: int = 2, *, method: str = "lanczos", floor: str | float = "min",
+                 generator: torch.Generator | None = None, refresh: str | int = "every", hold: int | None = None,
+                 dtype: torch.dtype = torch.float64) -> None:
+        if not (refresh in ("every", "first") or (isinstance(refresh, int) and refresh >= 1)):
+            raise ValueError(f"refresh must be 'every', 'first' or a positive integer, got {refresh!r}")
+        if hold is not None and (not isinstance(hold, int) or hold < 1):
+            raise ValueError(f"hold must be None or a positive integer, got {hold!r}")
+        self.rank, self.method, self.floor, self.generator = rank, method, floor, generator
+        self.refresh, self.hold, self.dtype = refresh, hold, dtype
+        self.jvp_calls = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self._held: tuple[LowRankSym, float] | None = None
+        self._since = 0
+
+    def observe(self, y: Tensor, x0: Tensor, rho: float) -> None:
+        pass
+
+    def estimate(self, ctx: Any, eps: Tensor, rho: float, project: Tensor | None) -> LowRankSym | None:
+        fresh = self.refresh == "every" or self._held is None or \
+            (isinstance(self.refresh, int) and self._since >= self.refresh)
+        if not fresh:
+            self._since += 1
+            if self.hold is not None and self._since > self.hold:
+                return None
+            A0, rho0 = self._held
+            return transport(A0, rho0, rho)
+        self.jvp_calls += self.rank
+        A = jvp_curvature(ctx.denoiser, ctx.x, ctx.t, ctx.alpha, self.rank, method=self.method, start=eps,
+                          generator=self.generator, floor=self.floor, dtype=self.dtype, project=project)
+        self._held, self._since = (A, rho), 1
+        return A
