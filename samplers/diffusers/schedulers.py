@@ -194,8 +194,8 @@ class LMLDDIMScheduler(_LMLMixin, DDIMScheduler):
                 raise ValueError("lml_variant='secant' needs deterministic DDIM (eta = 0)")
             a2 = float(abar)
             an2 = float(abar_prev)
-            eps_c = self._secant_step(eps, max(1 - an2, 0.0) ** 0.5, sample, x0, eps, a2**0.5, (1 - a2) ** 0.5, an2**0.5,
-                                      max(1 - an2, 0.0) ** 0.5)
+            sn = max(1 - an2, 0.0) ** 0.5
+            eps_c = self._secant_step(eps, sn, sample, x0, eps, a2**0.5, (1 - a2) ** 0.5, an2**0.5, sn)
             delta = coef * (eps_c.to(dt) - eps)
         prev = (out.prev_sample.to(dt) + delta).to(out.prev_sample.dtype)
         if not return_dict:

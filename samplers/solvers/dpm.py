@@ -106,9 +106,11 @@ class DPMSolver(Method):
         midpoint = self.solver_type == "midpoint"
         if self.pp:
             base, inc = (sn / s) * x, _increment_pp(D, h, an, sn, o, midpoint)
-            first = (lambda x0, eps: (an - sn * a / s) * x0)
         else:
             base, inc = (an / a) * x, _increment_eps(D, h, a, s, an, sn, o, midpoint)
-            first = (lambda x0, eps: (sn - an * s / a) * eps)
-        x = run.propose(i, x, pred, base, 1.0, inc, first_order=first)
+
+        def first_order(x0: Tensor, eps: Tensor) -> Tensor:  # the DPM-Solver-1 (= DDIM) increment
+            return (an - sn * a / s) * x0 if self.pp else (sn - an * s / a) * eps
+
+        x = run.propose(i, x, pred, base, 1.0, inc, first_order=first_order)
         return run.correct(i, x, pred), pred
