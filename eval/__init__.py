@@ -1,27 +1,13 @@
 """Evaluation: image metrics (PSNR, SSIM, LPIPS, FID, KID), image I/O and datasets.
 
+Layers: :mod:`hessdiff.eval.metrics` (the metrics, library code), :mod:`hessdiff.eval.images` and
+:mod:`hessdiff.eval.data` (the metrics' image preprocessing and image-folder datasets), and
+:mod:`hessdiff.eval.sweep` (the benchmark-sweep machinery on top of them, not imported here).
+
 Heavy libraries (lpips, clean-fid, torchvision, PIL) are imported only when used.
 """
 
 from hessdiff.eval.data import ImageFolderDataset, ImageItem, list_image_files
-from hessdiff.eval.distances import (
-    component_tv,
-    gaussian_w2,
-    posterior_mean_error,
-    sliced_wasserstein,
-)
-from hessdiff.eval.fid import (
-    CleanFIDInception,
-    DistributionMetrics,
-    FeatureExtractor,
-    FeatureStats,
-    NamedExtractor,
-    fid_from_stats,
-    folder_feature_stats,
-    frechet_distance,
-    inception_weights_path,
-    kernel_inception_distance,
-)
 from hessdiff.eval.images import (
     RESIZE_MODES,
     as_float_image,
@@ -33,8 +19,33 @@ from hessdiff.eval.images import (
     to_uint8,
     to_unit,
 )
-from hessdiff.eval.metrics import LPIPS, METRICS, PSNR, SSIM, MetricSuite, PairedMetric, lpips_backbone_path, psnr, ssim
-from hessdiff.eval.weights import MissingWeightsError, default_cache_dir
+from hessdiff.eval.metrics import (
+    LPIPS,
+    METRICS,
+    PSNR,
+    SSIM,
+    CleanFIDInception,
+    DistributionMetrics,
+    FeatureExtractor,
+    FeatureStats,
+    MetricSuite,
+    MissingWeightsError,
+    NamedExtractor,
+    PairedMetric,
+    component_tv,
+    default_cache_dir,
+    fid_from_stats,
+    folder_feature_stats,
+    frechet_distance,
+    gaussian_w2,
+    inception_weights_path,
+    kernel_inception_distance,
+    lpips_backbone_path,
+    posterior_mean_error,
+    psnr,
+    sliced_wasserstein,
+    ssim,
+)
 
 __all__ = [
     "component_tv",

@@ -9,9 +9,9 @@ Problems (:class:`PriorProblem`):
 * ``grid-gmm-<d>`` -- the 25-component grid mixture of PAPERS.md 5.2 (identity covariances, means
   ``(-8i, -8j, -8i, ...)``, uniform weights) in ``d`` dimensions. Metrics: ``sw1``, the sliced
   Wasserstein-1 distance between the sampler's ``n`` draws and ``n`` exact prior draws
-  (:func:`~hessdiff.eval.distances.sliced_wasserstein`, fixed-seed directions), and ``tv``, the
+  (:func:`~hessdiff.eval.metrics.distances.sliced_wasserstein`, fixed-seed directions), and ``tv``, the
   total variation between the prior's component weights and the component masses of the draws
-  (:func:`~hessdiff.eval.distances.component_tv`). Reference rows (``method = "exact"``) hold the
+  (:func:`~hessdiff.eval.metrics.distances.component_tv`). Reference rows (``method = "exact"``) hold the
   same metrics for a second, independent set of exact draws: the Monte-Carlo floor.
 * ``gauss-<d>`` -- ``N(0, diag(c))`` with a natural-image-like spectrum ``c`` (PAPERS.md 5.3,
   :func:`~hessdiff.samplers.oracles.gmm.cifar_like_spectrum`; ``d = 3072`` is CIFAR-sized). Every
@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessdiff.eval.distances import component_tv, gaussian_w2, sliced_wasserstein
+from hessdiff.eval.metrics.distances import component_tv, gaussian_w2, sliced_wasserstein
 from hessdiff.samplers.oracles.gmm import (
     GaussianMixture,
     GMMDenoiser,
@@ -262,7 +262,7 @@ def exact_ode_gain(prior: GaussianMixture, grid: TimeGrid) -> Tensor:
 
 
 def _component_tv(x: Tensor, prior: GaussianMixture) -> float:
-    """:func:`~hessdiff.eval.distances.component_tv`, with a fast path for mixtures whose components
+    """:func:`~hessdiff.eval.metrics.distances.component_tv`, with a fast path for mixtures whose components
     share one isotropic covariance (then the responsibilities need only ``x @ mu^T``)."""
     e = prior.eig
     if prior.Q is None and bool((e == e[0, 0]).all()):

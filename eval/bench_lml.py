@@ -661,8 +661,8 @@ def embedded_rows(
     :func:`lml_methods` (JVPs count as network evaluations); ``nfe_counted`` is what
     :class:`~hessdiff.samplers.denoiser.CountingDenoiser` saw per image (network forwards + JVPs).
     """
-    from hessdiff.eval.fid import FeatureStats, fid_from_stats
     from hessdiff.eval.metrics import psnr, ssim
+    from hessdiff.eval.metrics.fid import FeatureStats, fid_from_stats
     from hessdiff.samplers.denoiser import UNetDenoiser
     from hessdiff.samplers.models import domain_features, embedded_dataset, load_model
 

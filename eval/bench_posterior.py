@@ -8,7 +8,7 @@ again a mixture (:class:`GridPosterior`).
 
 Metrics per problem (``num_samples`` sampler draws against as many exact posterior draws):
 ``sw1`` -- sliced Wasserstein-1 with ``num_projections`` fixed-seed directions
-(:func:`~hessdiff.eval.distances.sliced_wasserstein`); ``tv`` -- total variation between the exact
+(:func:`~hessdiff.eval.metrics.distances.sliced_wasserstein`); ``tv`` -- total variation between the exact
 posterior component weights and the draws' component masses; ``mean_err`` -- ``|mean(draws) - E[x|y]|``.
 Rows of method ``"exact"`` hold the same metrics for a second set of exact draws (the Monte-Carlo floor).
 
@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessdiff.eval.distances import component_tv, posterior_mean_error, sliced_wasserstein
+from hessdiff.eval.metrics.distances import component_tv, posterior_mean_error, sliced_wasserstein
 from hessdiff.samplers.guidance import (
     PosteriorResult,
     sample_dps,
@@ -99,7 +99,7 @@ class GridPosterior:
     ``∝ w_k N(y; A mu_k, S)``. Sampling uses Matheron's rule (a prior draw ``x`` of component ``k``
     moved by ``Aᵀ S⁻¹ (y - A x - sigma_y n)``), so no ``d x d`` matrix is formed. Float64.
     Duck-types the parts of :class:`~hessdiff.samplers.oracles.gmm.GaussianMixture` that
-    :func:`~hessdiff.eval.distances.component_tv` uses.
+    :func:`~hessdiff.eval.metrics.distances.component_tv` uses.
     """
 
     def __init__(self, prior_weights: Tensor, prior_means: Tensor, A: Tensor, y: Tensor, sigma_y: float) -> None:
@@ -694,7 +694,7 @@ def run_from_args(args: Any) -> int:
     torch.set_num_threads(max(1, int(args.threads)))
     names = [m.strip() for m in str(args.methods).split(",") if m.strip()]
     methods = {m: method_from_spec(m) for m in names}
-    from hessdiff.eval.sweep_config import parse_seeds
+    from hessdiff.eval.sweep.config import parse_seeds
 
     kw: dict[str, Any] = dict(
         dims=_ints(args.dims, "--dims"), measurement_dims=_ints(args.measurement_dims, "--measurement-dims"),

@@ -257,7 +257,7 @@ def _fit_image(x: Tensor, resolution: int, no_resize: bool, source: str) -> tupl
 def _metrics(restored: Tensor, reference: Tensor) -> dict[str, Any]:
     """PSNR / SSIM (and LPIPS-alex if its weights are on disk) of one image against the reference."""
     from hessdiff.eval.metrics import psnr, ssim
-    from hessdiff.eval.weights import MissingWeightsError
+    from hessdiff.eval.metrics.weights import MissingWeightsError
 
     def rgb(t: Tensor) -> Tensor:
         t = t.detach().float().cpu()

@@ -6,7 +6,7 @@ then rebuilds ``results.jsonl``, ``summary.csv``, ``summary.md``, ``summary.json
 ``plots/*.png`` in the output folder. A killed run loses nothing already finished: run the same
 command with ``--resume``. The same command under ``torchrun --nproc_per_node N`` shares the work
 between N processes (gloo on CPU, nccl on GPU) and gives the same results. See
-``hessdiff.eval.sweep`` and ``hessdiff.eval.sweep_config`` for the file layout and the schema.
+``hessdiff.eval.sweep`` and ``hessdiff.eval.sweep.config`` for the file layout and the schema.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _list_methods() -> str:
     import inspect
 
-    from hessdiff.eval.sweep_methods import METHODS
+    from hessdiff.eval.sweep.methods import METHODS
 
     lines = ["methods ([[methods]] name = ...; options = { ... }):"]
     for name, spec in sorted(METHODS.items()):
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from hessdiff.eval.sweep import SweepError, run_sweep
-    from hessdiff.eval.sweep_config import load_config
+    from hessdiff.eval.sweep.config import load_config
     from hessdiff.samplers.models import ModelLoadError
 
     cfg = load_config(_config_path(args.config))
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m hessdiff.scripts.cmd_sweep CONFIG --out DIR ...``: the sweep command on its own."""
-    from hessdiff.eval.sweep_config import SweepConfigError
+    from hessdiff.eval.sweep.config import SweepConfigError
     from hessdiff.scripts.cli import CLIError
 
     parser = argparse.ArgumentParser(prog="hessdiff sweep")

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from hessdiff.eval.images import as_uint8_image
-from hessdiff.eval.weights import default_cache_dir, ensure_weights_file
+from hessdiff.eval.metrics.weights import default_cache_dir, ensure_weights_file
 
 __all__ = [
     "INCEPTION_FILENAME",
@@ -395,7 +395,7 @@ class CleanFIDInception:
     Weights are looked for at ``weights_path`` if given, else at :func:`inception_weights_path`
     and then at clean-fid's own location (``/tmp/inception-2015-12-05.pt``). If absent they are
     downloaded to :func:`inception_weights_path` (when ``download``), and if that fails a
-    :class:`~hessdiff.eval.weights.MissingWeightsError` names the file and that path.
+    :class:`~hessdiff.eval.metrics.weights.MissingWeightsError` names the file and that path.
     """
 
     name = "inception-v3-clean-fid"

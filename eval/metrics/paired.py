@@ -17,7 +17,7 @@ metric returns one float64 value per image, shape ``[B]``.
   whose ImageNet weights come from torchvision's cache; the backbone is named in every result.
 
 :class:`MetricSuite` builds the metrics requested by name from :data:`METRICS` (plus FID/KID
-from :mod:`hessdiff.eval.fid`); a metric whose weights are missing is reported as ``None``
+from :mod:`hessdiff.eval.metrics.fid`); a metric whose weights are missing is reported as ``None``
 with the reason under ``"missing"`` while the others are computed.
 """
 
@@ -33,7 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from hessdiff.eval.images import as_float_image, check_image_batch, to_unit
-from hessdiff.eval.weights import MissingWeightsError, ensure_weights_file
+from hessdiff.eval.metrics.weights import MissingWeightsError, ensure_weights_file
 
 __all__ = [
     "LPIPS",
@@ -303,7 +303,7 @@ class MetricSuite:
 
     Args:
         paired: names from :data:`METRICS` (per-pair metrics needing a reference image).
-        fid_reference: reference set for FID (:class:`~hessdiff.eval.fid.FeatureStats`, a
+        fid_reference: reference set for FID (:class:`~hessdiff.eval.metrics.fid.FeatureStats`, a
             ``(mu, sigma)`` pair, a saved statistics ``.npz`` file or an image folder);
             ``None``: no FID.
         kid: also compute KID (needs a reference with features: a folder, or FeatureStats
@@ -336,7 +336,7 @@ class MetricSuite:
         on_missing: str = "warn",
         fid_cache_dir: str | os.PathLike | None = None,
     ) -> None:
-        from hessdiff.eval import fid as fidmod
+        from hessdiff.eval.metrics import fid as fidmod
 
         if on_missing not in ("warn", "raise"):
             raise ValueError(f"on_missing must be 'warn' or 'raise', got {on_missing!r}")

@@ -35,7 +35,7 @@ Schema (all sections but ``[[methods]]`` are optional)::
     preset = "dps-256"            # optional paper preset; `name` is then the preset's entry
     params = { scale = 4, sigma_y = 0.05 }
 
-    [[methods]]                   # samplers / restoration methods (hessdiff.eval.sweep_methods.METHODS)
+    [[methods]]                   # samplers / restoration methods (hessdiff.eval.sweep.methods.METHODS)
     name = "ddim"
     label = "ddim"                # default: name; must be unique
     steps = [10, 20, 50]          # int or list; methods that take no steps (pinv) must omit it
@@ -327,7 +327,7 @@ class TaskEntry:
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """A method from :data:`hessdiff.eval.sweep_methods.METHODS` with resolved options and step counts.
+    """A method from :data:`hessdiff.eval.sweep.methods.METHODS` with resolved options and step counts.
 
     ``steps`` is ``(0,)`` for methods that take no steps; ``models`` (labels) restricts the method to
     those models, empty for every model.
@@ -697,13 +697,13 @@ def parse_config(raw: Mapping[str, Any], *, name: str = "sweep config", base_dir
     Args:
         name: how the configuration is named in error messages (the file name).
         base_dir: folder that relative paths are resolved against (default: the current folder).
-        methods: method registry (default :data:`hessdiff.eval.sweep_methods.METHODS`).
+        methods: method registry (default :data:`hessdiff.eval.sweep.methods.METHODS`).
 
     Raises:
         SweepConfigError: unknown key, bad value, missing section (the message names them).
     """
     if methods is None:
-        from hessdiff.eval.sweep_methods import METHODS as methods  # noqa: N811
+        from hessdiff.eval.sweep.methods import METHODS as methods  # noqa: N811
     base = Path(base_dir) if base_dir is not None else None
     top = _check_keys(name, raw, _TOP_KEYS)
     sweep = _check_keys(f"{name}: [sweep]", top.get("sweep", {}), _SWEEP_KEYS)

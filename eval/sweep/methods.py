@@ -25,7 +25,7 @@ them) and ``cost`` (further counters, JSON-able).
 
 Registering a method (e.g. from a plugin module or a new sampler)::
 
-    from hessdiff.eval.sweep_methods import MethodResult, register_method
+    from hessdiff.eval.sweep.methods import MethodResult, register_method
 
     @register_method("my_sampler", options={"zeta": 1.0, "eta": 0.0}, needs_model=True,
                      needs_measurement=True, uses_steps=True, description="...")
@@ -47,8 +47,8 @@ Feature extractors
 ------------------
 :data:`FEATURE_EXTRACTORS` maps the ``[metrics] features`` names to factories ``f(device) ->
 extractor`` (``extractor(uint8 [B, 3, H, W]) -> [B, F]`` with a ``name``; see
-:mod:`hessdiff.eval.fid`): ``domain`` (the embedded MNIST classifier, 128-d), ``inception``
-(clean-fid's Inception-v3; raises :class:`~hessdiff.eval.weights.MissingWeightsError` without its
+:mod:`hessdiff.eval.metrics.fid`): ``domain`` (the embedded MNIST classifier, 128-d), ``inception``
+(clean-fid's Inception-v3; raises :class:`~hessdiff.eval.metrics.weights.MissingWeightsError` without its
 weights), ``pixels`` (8x8 average-pooled pixels in [0, 1], 192-d; weight-free, for smoke tests only).
 """
 
@@ -465,7 +465,7 @@ class DomainFeatures:
 
 
 def _inception(device: torch.device) -> Any:
-    from hessdiff.eval.fid import CleanFIDInception
+    from hessdiff.eval.metrics.fid import CleanFIDInception
 
     return CleanFIDInception(device, download=True)
 
@@ -479,7 +479,7 @@ FEATURE_EXTRACTORS: dict[str, Callable[[torch.device], Any]] = {
 
 
 def make_feature_extractor(name: str, device: torch.device | str = "cpu") -> Any:
-    """Build the named extractor (may raise :class:`~hessdiff.eval.weights.MissingWeightsError`)."""
+    """Build the named extractor (may raise :class:`~hessdiff.eval.metrics.weights.MissingWeightsError`)."""
     if name not in FEATURE_EXTRACTORS:
         raise ValueError(f"unknown feature extractor {name!r} (known: {', '.join(FEATURE_EXTRACTORS)})")
     return FEATURE_EXTRACTORS[name](torch.device(device))

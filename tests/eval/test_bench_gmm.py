@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hessdiff.eval import bench_gmm as B
-from hessdiff.eval.distances import component_tv
+from hessdiff.eval.metrics.distances import component_tv
 from hessdiff.samplers.oracles.gmm import GaussianMixture, grid_gmm_prior
 from hessdiff.samplers.solvers import sample_ddim
 

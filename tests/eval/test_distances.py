@@ -3,7 +3,7 @@ import scipy.linalg
 import scipy.stats
 import torch
 
-from hessdiff.eval.distances import (
+from hessdiff.eval.metrics.distances import (
     component_tv,
     gaussian_w2,
     posterior_mean_error,
@@ -31,7 +31,7 @@ def test_sliced_w1_properties():
     shift[0] = 3.0
     # a translation by c moves every projection by <theta, c>: SW1 = E|theta_0| * 3
     sw = sliced_wasserstein(x, x + shift, num_projections=4000, seed=3)
-    from hessdiff.eval.distances import random_directions
+    from hessdiff.eval.metrics.distances import random_directions
 
     expect = float(random_directions(5, 4000, 3)[:, 0].abs().mean() * 3)
     assert sw == pytest.approx(expect, rel=1e-10)

@@ -27,7 +27,7 @@ from hessdiff.eval import (
     inception_weights_path,
     kernel_inception_distance,
 )
-from hessdiff.eval import fid as fidmod
+from hessdiff.eval.metrics import fid as fidmod
 
 # clean-fid's own frechet_distance (the parity reference) calls scipy's sqrtm with a deprecated argument
 pytestmark = pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")

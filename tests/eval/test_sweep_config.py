@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hessdiff.eval.sweep_config import (
+from hessdiff.eval.sweep.config import (
     SweepConfigError,
     config_hash,
     format_seeds,
@@ -17,7 +17,7 @@ from hessdiff.eval.sweep_config import (
     parse_config,
     parse_seeds,
 )
-from hessdiff.eval.sweep_methods import METHODS, register_method
+from hessdiff.eval.sweep.methods import METHODS, register_method
 
 
 @pytest.fixture()
@@ -200,7 +200,7 @@ def test_shipped_example_configs_are_valid(tmp_path):
 
 
 def test_methods_can_be_restricted_to_models():
-    from hessdiff.eval.sweep import _build_work
+    from hessdiff.eval.sweep.work import _build_work
 
     gen = {"models": [{"name": "mnist"}, {"name": "mnist-ldm"}],
            "methods": [{"name": "ddim", "steps": 4}, {"name": "dpm++", "steps": [3, 5], "models": ["mnist-ldm"]}],

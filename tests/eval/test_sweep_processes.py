@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from hessdiff.eval.sweep import run_sweep, strip_run_fields
-from hessdiff.eval.sweep_config import load_config
+from hessdiff.eval.sweep.config import load_config
 
 CONFIG = """
 [sweep]

@@ -19,14 +19,14 @@ from hessdiff.eval.metrics import psnr, ssim
 from hessdiff.eval.sweep import (
     SweepError,
     SweepMismatchError,
-    _FolderLock,
     evaluate_folders,
     load_results,
     run_sweep,
     strip_run_fields,
 )
-from hessdiff.eval.sweep_config import SweepConfigError, parse_config
-from hessdiff.eval.sweep_methods import PixelFeatures
+from hessdiff.eval.sweep.config import SweepConfigError, parse_config
+from hessdiff.eval.sweep.methods import PixelFeatures
+from hessdiff.eval.sweep.store import _FolderLock
 
 
 @pytest.fixture(autouse=True)
@@ -244,7 +244,7 @@ def test_tiny_unet_generation_and_posterior_sampling(tmp_path):
     assert run_sweep(parse_config(gen, name="g.toml"), out, resume=True, plots=False).num_computed == 1
     assert png.read_bytes() == before
 
-    from hessdiff.eval.sweep_methods import METHODS
+    from hessdiff.eval.sweep.methods import METHODS
 
     if "dps" not in METHODS:
         pytest.skip("hessdiff.samplers.guidance is not importable in this checkout")

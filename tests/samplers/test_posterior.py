@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hessdiff.eval.distances import component_tv, posterior_mean_error, sliced_wasserstein
+from hessdiff.eval.metrics.distances import component_tv, posterior_mean_error, sliced_wasserstein
 from hessdiff.samplers.guidance import (
     POSTERIOR_SAMPLERS,
     get_posterior_sampler,

@@ -34,7 +34,7 @@ from hessdiff.eval.bench_gmm import (
     linear_gain,
     make_grid,
 )
-from hessdiff.eval.distances import gaussian_w2
+from hessdiff.eval.metrics.distances import gaussian_w2
 from hessdiff.samplers.oracles.gmm import GMMDenoiser, cifar_like_spectrum, default_gmm_schedule
 from hessdiff.samplers.solvers import sample_ddim
 

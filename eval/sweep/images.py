@@ -1,0 +1,152 @@
+"""Clean image sets of a sweep, the model and metric image spaces, and the per-item seeds."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hessdiff.eval.sweep.config import canonical_json
+
+
+def _image_id(name: str) -> str:
+    stem = name.rsplit(".", 1)[0] if "." in Path(name).name else name
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", stem.replace("/", "__")).strip("._") or "image"
+
+
+class _ImageSet:
+    """Clean images: ids, per-image seeds, a digest of the file list, and uint8 loading at a resolution."""
+
+    def __init__(self, kind: str, *, folder: Path | None = None, embedded: str | None = None,
+                 first_n: int | None = None, resize: str = "center-crop", order: str = "path",
+                 recursive: bool = True, base_seed: int = 0, check: str = "verify") -> None:
+        self.kind = kind
+        self.folder, self.embedded = folder, embedded
+        self.resize = resize
+        self.base_seed = base_seed
+        self.skipped: list[tuple[str, str]] = []
+        self._datasets: dict[Any, Any] = {}
+        if folder is not None:
+            from hessdiff.eval.data import ImageFolderDataset
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ds = ImageFolderDataset(folder, None, first_n=first_n, resize=resize, recursive=recursive,
+                                        order=order, base_seed=base_seed, check=check)
+            self.skipped = [(str(p), r) for p, r in ds.skipped]
+            if self.skipped:
+                warnings.warn(
+                    f"{kind}: skipped {len(self.skipped)} unreadable image file(s) in {folder}; first: "
+                    f"{self.skipped[0][0]} ({self.skipped[0][1]}); all are listed in sweep.json",
+                    stacklevel=3,
+                )
+            for w in caught:
+                if "unreadable" not in str(w.message):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            self.files = [ds.relative_name(i) for i in range(len(ds))]
+            self._abs = list(ds.files)
+            sizes = [p.stat().st_size for p in ds.files]
+            self.digest = hashlib.sha256(canonical_json([[f, s] for f, s in zip(self.files, sizes,
+                                                                                strict=True)]).encode()).hexdigest()
+            self._check, self._recursive = check, recursive
+        else:
+            from hessdiff.eval.images import to_uint8
+            from hessdiff.samplers.models import embedded_dataset
+
+            x = embedded_dataset("test")
+            if first_n is not None:
+                if first_n > x.shape[0]:
+                    raise ValueError(f"first_n={first_n} but embedded:{embedded} has only {x.shape[0]} images")
+                x = x[:first_n]
+            u = to_uint8(x)
+            self._uint8 = u.expand(-1, 3, -1, -1).contiguous() if u.shape[1] == 1 else u
+            self.files = [f"{embedded}/{i:05d}" for i in range(u.shape[0])]
+            self.digest = hashlib.sha256(self._uint8.numpy().tobytes()).hexdigest()
+        ids = [_image_id(f) for f in self.files]
+        if len(set(ids)) != len(ids):  # e.g. a.png and a.jpg: keep the extensions
+            ids = [re.sub(r"[^A-Za-z0-9_.=+-]+", "_", f.replace("/", "__")) for f in self.files]
+        self.ids = ids
+        self.seeds = [base_seed + i for i in range(len(self.files))]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe(self) -> dict[str, Any]:
+        return {"num_images": len(self), "num_skipped": len(self.skipped), "digest": self.digest}
+
+    def load(self, i: int, resolution: tuple[int, int]) -> torch.Tensor:
+        """Image ``i`` as uint8 ``[3, H, W]`` at ``resolution``."""
+        if self.folder is None:
+            u = self._uint8[i]
+            if tuple(u.shape[1:]) != tuple(resolution):
+                raise ValueError(f"embedded:{self.embedded} images are {u.shape[1]}x{u.shape[2]}, the model needs "
+                                 f"{resolution[0]}x{resolution[1]}")
+            return u
+        ds = self._datasets.get(resolution)
+        if ds is None:
+            from hessdiff.eval.data import ImageFolderDataset
+
+            ds = ImageFolderDataset(self.folder, tuple(resolution), files=self._abs, resize=self.resize,
+                                    base_seed=self.base_seed, check=self._check)
+            self._datasets[resolution] = ds
+        u = ds.load_uint8(i)
+        if u.shape[0] == 1:
+            u = u.expand(3, -1, -1)
+        return u
+
+
+def _to_model_space(u: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> float32 ``[B, channels, H, W]`` in [-1, 1] (grey = channel mean)."""
+    from hessdiff.eval.images import from_uint8
+
+    x = from_uint8(u)
+    if channels == 1:
+        return x.mean(dim=1, keepdim=True)
+    if channels == 3:
+        return x
+    raise ValueError(f"models with {channels} image channels are not supported (1 or 3)")
+
+
+def _to_metric_space(x: torch.Tensor) -> torch.Tensor:
+    """float ``[B, C, H, W]`` (C = 1 or 3) in [-1, 1] -> uint8 ``[B, 3, H, W]`` (what is saved as PNG)."""
+    from hessdiff.eval.images import to_uint8
+
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("the method returned NaN or infinite pixel values")
+    u = to_uint8(x.detach().cpu())
+    if u.shape[1] == 1:
+        return u.expand(-1, 3, -1, -1).contiguous()
+    if u.shape[1] != 3:
+        raise ValueError(f"images must have 1 or 3 channels, got {u.shape[1]}")
+    return u
+
+
+def _png_bytes(u: torch.Tensor, grey: bool) -> bytes:
+    from PIL import Image
+
+    arr = u.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0], mode="L") if grey else Image.fromarray(arr, mode="RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a, dtype=np.float64), allow_pickle=False)
+    return buf.getvalue()
+
+
+def sampler_seed(image_seed: int | None, seed: int) -> int:
+    """Seed of an item's generator: ``seed`` when generating, else a 63-bit mix of ``(image_seed, seed)``
+    (``numpy.random.SeedSequence([image_seed, seed])``), so that different images get unrelated noise."""
+    if image_seed is None:
+        return int(seed)
+    state = np.random.SeedSequence([int(image_seed), int(seed)]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)

@@ -1,0 +1,194 @@
+"""The sweep's output folder: atomic files, JSON records, the folder lock and ``sweep.json``.
+
+Every file is written to a temporary file in the same folder, flushed with ``fsync`` and renamed into
+place (``os.replace``), and the folder is synced; leftover temporary files of a killed run are removed
+at the next start (:func:`_clean_temp_files`). The folder is locked (``fcntl.flock``) while a sweep
+runs in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ITEM_FORMAT = "hessdiff.sweep.item/1"
+SWEEP_FILE = "sweep.json"
+LOCK_FILE = ".lock"
+_TMP_RE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+_RUN_KEY = "run"
+"""Key of the run-dependent fields of an item record (timing, rank, device); everything else is a
+function of the configuration only."""
+
+
+class SweepError(RuntimeError):
+    """A sweep cannot run in the given output folder (locked, not a sweep folder, needs --resume)."""
+
+
+class SweepMismatchError(SweepError):
+    """The output folder holds results of a different sweep configuration."""
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic files
+# ----------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a synced temporary file and ``os.replace`` (crash-safe)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _json_value(v: Any) -> Any:
+    """JSON-able form: non-finite floats become the strings "inf", "-inf", "nan"."""
+    if isinstance(v, Mapping):
+        return {str(k): _json_value(u) for k, u in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_value(u) for u in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def _number(v: Any) -> float | None:
+    """A metric value read back from JSON (None, a number, or "inf"/"-inf"/"nan")."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return float(v)
+    return float(v)
+
+
+def _dumps(obj: Any, *, indent: int | None = None) -> str:
+    return json.dumps(_json_value(obj), sort_keys=True, indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+def atomic_write_json(path: Path, obj: Any, *, indent: int | None = None) -> None:
+    atomic_write_bytes(path, (_dumps(obj, indent=indent) + "\n").encode())
+
+
+def _read_json(path: Path) -> Any | None:
+    """The parsed file, or None if it is absent or not valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+class _FolderLock:
+    """An exclusive ``flock`` on ``<out>/.lock`` (released by the OS when the process dies)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - non-POSIX: no locking
+            return
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise SweepError(f"{self.path.parent} is in use by another running sweep (lock file {self.path}); "
+                             "wait for it to finish or use another output folder") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    """Human-readable differences between two JSON values (at most a few)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        return out
+    if a != b:
+        return [f"{path}: {json.dumps(a)[:60]} -> {json.dumps(b)[:60]}"]
+    return []
+
+
+def _clean_temp_files(out: Path) -> int:
+    n = 0
+    for root, _dirs, files in os.walk(out):
+        for name in files:
+            if _TMP_RE.match(name):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(root, name))
+                    n += 1
+    return n
+
+
+def _prepare_folder(out: Path, identity: dict[str, Any], sweep_hash: str, info: dict[str, Any],
+                    resume: bool) -> str | None:
+    """Rank 0: check / create ``sweep.json``. Returns an error message or None."""
+    meta_path = out / SWEEP_FILE
+    if meta_path.exists():
+        meta = _read_json(meta_path)
+        if not isinstance(meta, dict) or "sweep_hash" not in meta:
+            return f"{meta_path} is not a readable sweep file; refusing to write into {out}"
+        if meta["sweep_hash"] != sweep_hash:
+            diffs = _diff(meta.get("identity", {}), identity)
+            shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+            return (f"{out} holds results of a different sweep configuration (hash {meta['sweep_hash']}, this "
+                    f"configuration is {sweep_hash}); refusing to mix results. Differences: {shown or 'unknown'}. "
+                    "Use another --out folder (or remove the old one yourself).")
+        if not resume:
+            return (f"{out} already holds this sweep (hash {sweep_hash}); pass --resume (resume=True) to continue "
+                    "it: finished items are kept and skipped")
+        return None
+    others = [p.name for p in out.iterdir() if p.name != LOCK_FILE and not _TMP_RE.match(p.name)]
+    if others:
+        return (f"{out} is not empty and is not a sweep folder (found {', '.join(sorted(others)[:5])}); "
+                "use a new or empty --out folder")
+    atomic_write_json(meta_path, {"format": "hessdiff.sweep/1", "sweep_hash": sweep_hash, "identity": identity,
+                                  "info": info}, indent=2)
+    return None

@@ -1,0 +1,314 @@
+"""Summaries of a sweep, always rebuilt from the per-item files: ``results.jsonl``, ``summary.csv`` /
+``summary.md`` / ``summary.json`` (per-configuration mean ± sd, FID / KID, NFE, time) and the plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hessdiff.eval.sweep.config import SweepConfig
+from hessdiff.eval.sweep.store import _RUN_KEY, _dumps, _number, _read_json, atomic_write_bytes, atomic_write_json
+from hessdiff.eval.sweep.work import UNCONDITIONAL, _Item, _Unit
+
+if TYPE_CHECKING:
+    from hessdiff.eval.sweep.run import _Runner
+
+__all__ = ["COST_KEYS", "load_results", "strip_run_fields"]
+
+
+def strip_run_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    """An item record without its run-dependent fields (timing, rank, device): what must be identical
+    between an interrupted and an uninterrupted run, or between one and several processes."""
+    return {k: v for k, v in record.items() if k != _RUN_KEY}
+
+
+def load_results(out: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of ``out/results.jsonl`` (metric values "inf" / "nan" turned back into floats)."""
+    path = Path(out) / "results.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (has the sweep finished once?)")
+    recs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            rec["metrics"] = {k: _number(v) for k, v in rec.get("metrics", {}).items()}
+            recs.append(rec)
+    return recs
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    a = np.asarray(vals, dtype=np.float64)
+    if not np.isfinite(a).all():
+        finite = a[np.isfinite(a)]
+        return (float("inf") if np.isposinf(a).any() and not np.isneginf(a).any() else float("nan")), (
+            float(finite.std(ddof=1)) if finite.size > 1 else None)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def _finalize(cfg: SweepConfig, out: Path, items: list[_Item], sweep_hash: str, runner: _Runner,
+              with_plots: bool) -> tuple[list[dict[str, Any]], dict[str, Path], int]:
+    from hessdiff.eval.metrics.fid import FeatureStats, fid_from_stats, kernel_inception_distance
+    from hessdiff.eval.sweep.methods import METHODS
+
+    m = cfg.metrics
+    records: dict[int, dict[str, Any]] = {}
+    ref_feats: dict[str, list[np.ndarray]] = {}
+    ref_missing: dict[str, int] = {}
+    for it in items:
+        rec = _read_json(out / f"{it.stem}.json")
+        ok = isinstance(rec, dict) and rec.get("sweep_hash") == sweep_hash and rec.get("key") == it.key
+        if it.unit.kind == "reference":
+            if ok:
+                ref_feats.setdefault(it.unit.model, []).append(np.load(out / f"{it.stem}.npy"))
+            else:
+                ref_missing[it.unit.model] = ref_missing.get(it.unit.model, 0) + 1
+        elif ok:
+            records[it.index] = rec
+    sample_items = [it for it in items if it.unit.kind == "sample"]
+
+    # results.jsonl: every finished sample item, in item order
+    lines = [_dumps(records[it.index]) for it in sample_items if it.index in records]
+    atomic_write_bytes(out / "results.jsonl", ("\n".join(lines) + ("\n" if lines else "")).encode())
+
+    units: dict[str, tuple[_Unit, list[_Item]]] = {}
+    for it in sample_items:
+        units.setdefault(it.unit.label, (it.unit, []))[1].append(it)
+    summary: list[dict[str, Any]] = []
+    for label, (unit, its) in units.items():
+        recs = [records[it.index] for it in its if it.index in records]
+        row: dict[str, Any] = {
+            "config": label,
+            "config_hash": unit.config_hash,
+            "model": unit.model,
+            "task": unit.task.label if unit.task else UNCONDITIONAL,
+            "method": unit.method.label,
+            "method_name": unit.method.name,
+            "uses_steps": METHODS[unit.method.name].uses_steps,
+            "steps": unit.steps,
+            "n": len(recs),
+            "n_expected": len(its),
+            "nfe": float(np.mean([r["nfe"] for r in recs])) if recs else None,
+            "seconds_per_image": float(np.mean([r[_RUN_KEY]["item_s"] for r in recs])) if recs else None,
+            "method_seconds_per_image": float(np.mean([r[_RUN_KEY]["method_s"] for r in recs])) if recs else None,
+        }
+        costs = [r.get("cost") or {} for r in recs]
+        row["cost"] = {k: float(np.mean([c.get(k, 0) for c in costs])) for k in COST_KEYS
+                       if any(isinstance(c.get(k), int | float) for c in costs)}
+        missing: dict[str, str] = {}
+        for r in recs:
+            missing.update(r.get("missing") or {})
+        for name in m.paired:
+            mean, sd = _mean_sd([_number(r["metrics"].get(name)) for r in recs])
+            row[name], row[f"{name}_sd"] = mean, sd
+        if m.fid or m.kid:
+            fid = kid = kid_sd = None
+            reason = runner.features_missing
+            feats = [out / r["files"]["features"] for r in recs if (r.get("files") or {}).get("features")]
+            ref = ref_feats.get(unit.model, [])
+            if reason is None:
+                if len(feats) < len(recs):
+                    reason = f"{len(recs) - len(feats)} item(s) have no features"
+                elif ref_missing.get(unit.model):
+                    reason = f"{ref_missing[unit.model]} reference image(s) have no features yet"
+                elif len(recs) < 2 or len(ref) < 2:
+                    reason = f"FID/KID need at least 2 images per set (have {len(recs)} and {len(ref)})"
+            if reason is None:
+                fake = np.stack([np.load(p) for p in feats])
+                real = np.stack(ref)
+                if m.fid:
+                    fid = fid_from_stats(FeatureStats().update(fake), FeatureStats().update(real))
+                if m.kid:
+                    kid, kid_sd = kernel_inception_distance(real, fake, num_subsets=m.kid_subsets,
+                                                            max_subset_size=m.kid_subset_size, seed=m.kid_seed)
+            else:
+                for name in ("fid", "kid"):
+                    if getattr(m, name):
+                        missing[name] = reason
+            if m.fid:
+                row["fid"] = fid
+            if m.kid:
+                row["kid"], row["kid_sd"] = kid, kid_sd
+            row["n_reference"] = len(ref)
+            row["features"] = m.features
+        row["missing"] = missing
+        summary.append(row)
+
+    files = {
+        "results": out / "results.jsonl",
+        "csv": out / "summary.csv",
+        "markdown": out / "summary.md",
+        "json": out / "summary.json",
+    }
+    n_done = len(records)
+    meta = {"sweep": cfg.name, "sweep_hash": sweep_hash, "num_items": len(sample_items), "num_done": n_done,
+            "complete": n_done == len(sample_items), "configurations": summary}
+    atomic_write_json(files["json"], meta, indent=2)
+    metric_names = _metric_columns(cfg)
+    atomic_write_bytes(files["csv"], _csv_text(summary, metric_names).encode())
+    atomic_write_bytes(files["markdown"], _markdown(cfg, sweep_hash, summary, metric_names, n_done,
+                                                    len(sample_items)).encode())
+    plots = _plots(out / "plots", summary, metric_names) if with_plots else []
+    if plots:
+        files["plots"] = out / "plots"
+    return summary, files, n_done
+
+
+#: counted passes of a method's cost record that the summaries average per image
+COST_KEYS = ("network_forward", "network_backward", "decoder_forward", "decoder_backward", "encoder_forward",
+             "encoder_backward")
+
+
+def _metric_columns(cfg: SweepConfig) -> list[str]:
+    cols = list(cfg.metrics.paired)
+    if cfg.metrics.fid:
+        cols.append("fid")
+    if cfg.metrics.kid:
+        cols.append("kid")
+    return cols
+
+
+def _sd_key(name: str) -> str:
+    return f"{name}_sd"
+
+
+def _csv_text(summary: list[dict[str, Any]], metrics: list[str]) -> str:
+    buf = io.StringIO()
+    cols = ["model", "task", "method", "method_name", "steps", "nfe", "n", "n_expected"]
+    for name in metrics:
+        cols += [name, _sd_key(name)] if name != "fid" else [name]
+    cols += ["seconds_per_image", "method_seconds_per_image", "config_hash"]
+    cost_cols = [k for k in COST_KEYS if any(k in (r.get("cost") or {}) for r in summary)]
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols + cost_cols)
+    for row in summary:
+        vals = []
+        for c in cols + cost_cols:
+            v = row.get(c) if c in cols else (row.get("cost") or {}).get(c)
+            vals.append("" if v is None else (repr(v) if isinstance(v, float) else v))
+        w.writerow(vals)
+    return buf.getvalue()
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    if v is None:
+        return "—"
+    if not math.isfinite(v):
+        return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
+    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+        return f"{v:.3g}"
+    return f"{v:.{digits}g}"
+
+
+def _markdown(cfg: SweepConfig, sweep_hash: str, summary: list[dict[str, Any]], metrics: list[str], n_done: int,
+              n_items: int) -> str:
+    lines = [f"# Sweep `{cfg.name}`", "",
+             f"configuration hash `{sweep_hash}`; {n_done} of {n_items} items done"
+             + ("" if n_done == n_items else " (**partial results**)") + "; mean ± sd over images and seeds.", ""]
+    with_cost = any(r.get("cost") for r in summary)
+    header = ["model", "task", "method", "steps", "NFE", "n", *metrics, "s / image"]
+    if with_cost:
+        header += ["network fwd / bwd", "decoder fwd / bwd"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|")
+    notes: dict[str, str] = {}
+    for row in summary:
+        cells = [row["model"], row["task"], row["method"], str(row["steps"]) if row["uses_steps"] else "—",
+                 _fmt(row["nfe"]), f"{row['n']}" + ("" if row["n"] == row["n_expected"] else f"/{row['n_expected']}")]
+        for name in metrics:
+            v = row.get(name)
+            if v is None and name in row.get("missing", {}):
+                notes[name] = row["missing"][name]
+                cells.append("— (missing)")
+            elif name in ("fid",) or row.get(_sd_key(name)) is None:
+                cells.append(_fmt(v))
+            else:
+                cells.append(f"{_fmt(v)} ± {_fmt(row[_sd_key(name)], 2)}")
+        cells.append(_fmt(row["seconds_per_image"], 3))
+        if with_cost:
+            c = row.get("cost") or {}
+            for a, b in (("network_forward", "network_backward"), ("decoder_forward", "decoder_backward")):
+                cells.append(f"{_fmt(c.get(a, 0.0))} / {_fmt(c.get(b, 0.0))}" if c else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", "Missing metrics:"]
+        lines += [f"- **{k}**: {v}" for k, v in sorted(notes.items())]
+    if with_cost:
+        lines += ["", "Cost per image: NFE as each method's paper counts it; network / decoder passes as counted "
+                  "per image (a pass on a batch counts once for each image in it; mean over items)."]
+    if any("fid" in r or "kid" in r for r in summary):
+        feats = next((r.get("features") for r in summary if r.get("features")), None)
+        nref = next((r.get("n_reference") for r in summary if r.get("n_reference") is not None), None)
+        lines += ["", f"FID / KID: features `{feats}`, {nref} reference images; computed once from all "
+                  "items' features."]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(folder: Path, summary: list[dict[str, Any]], metrics: list[str]) -> list[Path]:
+    """One PNG per metric: metric vs NFE, a panel per (model, task), a line per method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed; no plots are written (pip install matplotlib)", stacklevel=3)
+        return []
+    written = []
+    panels = list(dict.fromkeys((r["model"], r["task"]) for r in summary))  # in configuration order
+    for name in metrics:
+        if not any(isinstance(r.get(name), float) and math.isfinite(r[name]) for r in summary):
+            continue
+        ncols = min(3, len(panels))
+        nrows = math.ceil(len(panels) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+        for ax, (model, task) in zip(axes.flat, panels, strict=False):
+            rows = [r for r in summary if (r["model"], r["task"]) == (model, task)]
+            methods = list(dict.fromkeys(r["method"] for r in rows))
+            nfes = [r["nfe"] for r in rows if r["uses_steps"] and r["nfe"]]
+            for k, meth in enumerate(methods):
+                mr = [r for r in rows if r["method"] == meth and isinstance(r.get(name), float)
+                      and math.isfinite(r[name])]
+                if not mr:
+                    continue
+                if not mr[0]["uses_steps"]:
+                    ax.axhline(mr[0][name], linestyle="--", linewidth=1.2, color=f"C{k % 10}", label=f"{meth} (NFE 0)")
+                    continue
+                mr.sort(key=lambda r: r["nfe"])
+                x = [r["nfe"] for r in mr]
+                y = [r[name] for r in mr]
+                sd = [r.get(_sd_key(name)) or 0.0 for r in mr] if name != "fid" else None
+                ax.errorbar(x, y, yerr=sd, marker="o", markersize=4, capsize=2, color=f"C{k % 10}", label=meth)
+            if nfes and max(nfes) / max(min(nfes), 1e-9) >= 10:
+                from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+                ax.set_xscale("log")
+                ax.xaxis.set_major_locator(FixedLocator(sorted(set(nfes))))
+                ax.xaxis.set_minor_locator(NullLocator())
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.set_title(f"{model} / {task}", fontsize=9)
+            ax.set_xlabel("NFE")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        path = folder / f"{name}.png"
+        atomic_write_bytes(path, buf.getvalue())
+        written.append(path)
+    return written
