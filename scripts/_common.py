@@ -174,29 +174,10 @@ def load_model_for_cli(name_or_path: str, device: torch.device, dtype: torch.dty
 
 
 def model_from_pipeline(pipe: Any, source: str = "pipeline") -> Any:
-    """A :class:`~hessdiff.samplers.models.DiffusionModel` from an in-memory diffusers pipeline.
+    """:func:`hessdiff.model_from_pipeline` (kept here for the CLI's callers)."""
+    from hessdiff.samplers.api import model_from_pipeline as _from_pipe
 
-    Uses the pipeline's ``unet``, ``scheduler`` and, when present, ``vae`` (then the UNet works on
-    ``vae.config.scaling_factor * z``); the image resolution is the UNet's sample size times the
-    VAE's downsampling factor.
-    """
-    from hessdiff.samplers.models import DiffusionModel
-
-    unet = getattr(pipe, "unet", None)
-    scheduler = getattr(pipe, "scheduler", None)
-    if unet is None or scheduler is None:
-        raise ValueError(f"{type(pipe).__name__} has no unet and scheduler; hessdiff needs both")
-    vae = getattr(pipe, "vae", None)
-    size = unet.config.sample_size
-    side = int(size if isinstance(size, int) else size[0])
-    if vae is not None:
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        return DiffusionModel(unet=unet.eval().requires_grad_(False), scheduler=scheduler,
-                              vae=vae.eval().requires_grad_(False),
-                              vae_scaling_factor=float(vae.config.scaling_factor), resolution=side * factor,
-                              channels=int(vae.config.in_channels), source=source)
-    return DiffusionModel(unet=unet.eval().requires_grad_(False), scheduler=scheduler, resolution=side,
-                          channels=int(unet.config.in_channels), source=source)
+    return _from_pipe(pipe, source)
 
 
 def _needs_text(model: Any) -> bool:
@@ -232,7 +213,11 @@ def text_conditioning(model: Any, prompt: str, negative_prompt: str = "") -> tup
         from hessdiff.samplers.models import ModelLoadError
 
         root = _model_root(model.source)
-        from transformers import AutoTokenizer, CLIPTextModel
+        try:
+            from transformers import AutoTokenizer, CLIPTextModel
+        except ImportError as exc:
+            raise CLIError(f"{model.source} is text-conditional and needs the transformers package: "
+                           'pip install "hessdiff[text]"') from exc
 
         tok_dir, enc_dir = root / "tokenizer", root / "text_encoder"
         if not tok_dir.is_dir() or not enc_dir.is_dir():

@@ -22,17 +22,17 @@ resized (PIL bicubic, ``hessdiff.eval.images.resize_image`` mode ``center-crop``
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from hessdiff.samplers.api import RestoreResult, default_method
+from hessdiff.samplers.defaults import DEFAULTS
 from hessdiff.scripts.cli import CLIError
 
 __all__ = ["register", "run", "restore_image", "RestoreResult", "method_options", "DEFAULT_STEPS",
@@ -50,18 +50,16 @@ EPILOG = """examples:
 """
 
 #: default number of sampling steps
-DEFAULT_STEPS = 50
+DEFAULT_STEPS = 50  # the embedded models' rows; other models take their method's published steps
 
 #: options each method starts from (``--option`` overrides them; everything else is the sampler's own default).
 #: Chosen on 16 held-out digits of the embedded models, box inpainting (12x12), 50 steps: the ancestral step
 #: (``ddim_eta = 1``) beats the deterministic one for every method, and STSL's squared data term with a
 #: constant step diverges at the first, noisiest steps (its gradient carries 1/alpha_t), so the CLI uses the
 #: unsquared (normalised) data term as DPS does.
+#: the options each method runs with on the embedded models (the defaults table's "mnist" rows)
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dps": {"zeta": 2.0, "ddim_eta": 1.0},
-    "stsl": {"lam": 1.0, "inner_steps": 2, "data_norm": "unsquared", "ddim_eta": 1.0},
-    "latent_dps": {"zeta": 2.0, "ddim_eta": 1.0},
-    "psld": {"gamma": 0.1, "omega": 1.0, "ddim_eta": 1.0},
+    m: {k: v for k, v in rows["mnist"].items() if k != "steps"} for m, rows in DEFAULTS.items()
 }
 
 #: the option that sets each method's step size (named in the divergence hint)
@@ -70,12 +68,6 @@ _STEP_OPTION = {"dps": "--option zeta=...", "latent_dps": "--option zeta=...", "
 
 #: options the command sets itself (not accepted from --option)
 _RESERVED = ("generator", "callback", "progress", "autoencoder")
-
-
-def default_method(is_latent: bool) -> str:
-    """The method used when ``--method`` is not given: ``dps`` for pixel-space models, ``stsl`` for latent
-    models (the best-measuring methods on the embedded models with :data:`METHOD_DEFAULTS`)."""
-    return "stsl" if is_latent else "dps"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,7 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="embedded name (mnist [default], mnist-ldm), a local diffusers folder, or a Hugging Face "
                         "hub id such as google/ddpm-celebahq-256")
     p.add_argument("--prompt", default="", help="text prompt for text-conditional models (default: empty)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps (default: the method's defaults row: {DEFAULT_STEPS} on the embedded "
+                        "models, the paper's count (e.g. DPS 1000) on others)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the measurement (mask / kernel / noise) and of the sampler (default 0)")
     p.add_argument("--no-resize", action="store_true",
@@ -118,49 +112,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ================================================================================ library part
-@dataclass
-class RestoreResult:
-    """``restored``: the restoration ``[1, C, H, W]`` float32 on the CPU, in the image range [-1, 1]
-    (not clipped); ``cost``: the sampler's :class:`~hessdiff.samplers.guidance.Cost`; ``options``: the
-    method options used."""
+def method_options(method: str, given: dict[str, Any], family: str | None = "mnist") -> dict[str, Any]:
+    """The options of ``method`` from the defaults table (:mod:`hessdiff.samplers.defaults`) updated
+    with ``given``; unknown names raise :class:`CLIError` listing the accepted ones."""
+    from hessdiff.samplers.api import method_options as _options
 
-    restored: Tensor
-    cost: Any
-    method: str
-    options: dict[str, Any]
-    steps: int
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def method_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The options of ``method``: :data:`METHOD_DEFAULTS` updated with ``given``; unknown names raise
-    :class:`CLIError` listing the accepted ones."""
-    from hessdiff.samplers.guidance import get_posterior_sampler
-
-    fn = get_posterior_sampler(method)
-    accepted = [p.name for p in inspect.signature(fn).parameters.values()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _RESERVED]
-    unknown = [k for k in given if k not in accepted]
-    if unknown:
-        raise CLIError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {method!r}; "
-                       f"accepted: {', '.join(accepted)}")
-    opts = dict(METHOD_DEFAULTS.get(method, {}))
-    opts.update(given)
-    return opts
-
-
-def check_method(method: str, is_latent: bool, source: str) -> None:
-    """Raise :class:`CLIError` when ``method`` is unknown or cannot run on a pixel / latent model."""
-    from hessdiff.samplers.guidance import LATENT_METHODS, POSTERIOR_SAMPLERS
-
-    if method not in POSTERIOR_SAMPLERS:
-        raise CLIError(f"unknown method {method!r}; available: {', '.join(POSTERIOR_SAMPLERS)}")
-    if method in LATENT_METHODS and not is_latent:
-        raise CLIError(f"method {method!r} works in the latent space of a VAE, but {source} is a pixel-space "
-                       "model; use stsl or dps, or a latent model (mnist-ldm, Stable Diffusion)")
-    if method == "dps" and is_latent:
-        raise CLIError(f"method 'dps' works in pixel space, but {source} is a latent model; "
-                       "use stsl, latent_dps or psld")
+    try:
+        return _options(method, given, family)[0]
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
 
 
 def restore_image(
@@ -168,56 +128,42 @@ def restore_image(
     measurement: Any,
     *,
     method: str | None = None,
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     seed: int = 0,
     options: dict[str, Any] | None = None,
     denoiser: Any | None = None,
     progress: bool = False,
 ) -> RestoreResult:
-    """Restore the image behind ``measurement`` (a :class:`hessdiff.tasks.Measurement` of one image in the
-    model's image space) with a posterior sampler on ``model`` (a
-    :class:`~hessdiff.samplers.models.DiffusionModel`, e.g. from ``load_model`` or
-    :func:`~hessdiff.scripts._common.model_from_pipeline`).
-
-    The starting noise is drawn on the CPU from ``torch.Generator().manual_seed(seed)`` and the sampler
-    takes the same generator, so the result depends only on the inputs and ``seed``. The network runs on
-    its own device and dtype; the sampler's arithmetic is float32.
-    """
-    from hessdiff.samplers.guidance import get_posterior_sampler
-    from hessdiff.scripts._common import StepProgress, make_autoencoder, make_denoiser
+    """:func:`hessdiff.restore` with a progress bar, the CLI's checks and its errors (:class:`CLIError`)."""
+    from hessdiff.samplers.api import check_method, restore
+    from hessdiff.samplers.defaults import method_defaults, model_family
+    from hessdiff.scripts._common import StepProgress, make_denoiser
 
     method = method or default_method(model.is_latent)
-    check_method(method, model.is_latent, model.source or "the model")
-    opts = method_options(method, dict(options or {}))
-    if not isinstance(steps, int) or steps < 1:
+    try:
+        check_method(method, model.is_latent, model.source or "the model")
+        method_options(method, dict(options or {}), model_family(model.source))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise CLIError(f"--steps must be a positive integer, got {steps!r}")
     if seed < 0:
         raise CLIError(f"--seed must be non-negative, got {seed}")
-    fn = get_posterior_sampler(method)
-    device = next(model.unet.parameters()).device
     den = denoiser if denoiser is not None else make_denoiser(model)
-    grid = den.schedule.grid(steps)
-    gen = torch.Generator().manual_seed(int(seed))
-    shape = (1, *model.sample_shape)
-    x = (float(grid.sigma[0]) * torch.randn(shape, generator=gen, dtype=torch.float32)).to(device)
-    op = measurement.operator.to(device)
-    y = measurement.y.to(device=device, dtype=torch.float32)
-    args: list[Any] = [den, op, y, x, grid]
-    if model.is_latent:
-        args.append(make_autoencoder(model))
     diverged = CLIError(f"{method} diverged (NaN or Inf values appeared); lower its step size "
                         f"({_STEP_OPTION.get(method, 'see --option')}) or use more --steps")
-    with StepProgress(steps, method, enabled=progress) as bar:
+    n = steps if steps is not None else int(method_defaults(method, model_family(model.source))["steps"])
+    with StepProgress(n, method, enabled=progress) as bar:
         try:
-            res = fn(*args, generator=gen, callback=bar, **opts)
+            res = restore(model, measurement, method=method, steps=steps, seed=seed, options=options, denoiser=den,
+                          callback=bar)
         except ValueError as exc:
             if "NaN" in str(exc):  # an operator or the sampler met a non-finite state
                 raise diverged from exc
             raise
-    images = res.images.detach().float().cpu()
-    if not bool(torch.isfinite(images).all()):
+    if not bool(torch.isfinite(res.restored).all()):
         raise diverged
-    return RestoreResult(restored=images, cost=res.cost, method=method, options=opts, steps=steps, info=res.info)
+    return res
 
 
 # ================================================================================ command
@@ -288,6 +234,8 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hessdiff.samplers.api import check_method
+    from hessdiff.samplers.defaults import method_defaults, model_family
     from hessdiff.scripts._common import (
         OutputDir,
         labelled_row,
@@ -306,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     say = (lambda *a: None) if args.quiet else print
     # ---- cheap checks first: arguments, image, task, output folder
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be a positive integer, got {args.steps}")
     if args.seed < 0:
         raise CLIError(f"--seed must be non-negative, got {args.seed}")
@@ -320,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
     if method is not None and method not in POSTERIOR_SAMPLERS:
         raise CLIError(f"unknown method {args.method!r}; available: {', '.join(POSTERIOR_SAMPLERS)}")
     if method is not None:
-        method_options(method, options)
+        method_options(method, options, model_family(args.model))
     if args.preset:
         task = load_preset(args.preset).task(args.task, **params)
     else:
@@ -334,7 +282,10 @@ def run(args: argparse.Namespace) -> int:
         model = load_model_for_cli(args.model, device, dtype)
         source = args.model
         method = method or default_method(model.is_latent)
-        check_method(method, model.is_latent, source)
+        try:
+            check_method(method, model.is_latent, source)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from exc
         x = load_image(args.image, mode="L" if model.channels == 1 else "RGB") if x_file.shape[1] != model.channels \
             else x_file
         x, note = _fit_image(x, int(model.resolution), args.no_resize, source)
@@ -349,10 +300,12 @@ def run(args: argparse.Namespace) -> int:
             f"on {device.type} {str(dtype).replace('torch.', '')}")
         say(f"task {m.label or m.task} ({shown_params}), seed {args.seed}: {list(x.shape)} -> {list(m.y.shape)}")
         den = make_denoiser(model, prompt=args.prompt)
-        opts_shown = ", ".join(f"{k}={v}" for k, v in method_options(method, options).items())
-        say(f"method {method} ({opts_shown}), {args.steps} steps")
+        family = model_family(source)
+        opts_shown = ", ".join(f"{k}={v}" for k, v in method_options(method, options, family).items())
+        steps = args.steps if args.steps is not None else int(method_defaults(method, family)["steps"])
+        say(f"method {method} ({opts_shown}), {steps} steps")
         try:
-            res = restore_image(model, m, method=method, steps=args.steps, seed=args.seed, options=options,
+            res = restore_image(model, m, method=method, steps=steps, seed=args.seed, options=options,
                                 denoiser=den, progress=not args.quiet)
         except RuntimeError as exc:
             if dtype == torch.float32:
@@ -366,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
         cost = res.cost
         report = {
             "image": str(args.image), "model": source, "space": kind, "method": method, "options": res.options,
-            "steps": args.steps, "seed": args.seed, "task": m.task, "label": m.label, "params": m.params,
+            "steps": steps, "seed": args.seed, "task": m.task, "label": m.label, "params": m.params,
             "device": str(device), "dtype": str(dtype).replace("torch.", ""), "metrics_vs_input": scores,
             "measurement_metrics_vs_input": base, "cost": cost.as_dict(),
         }

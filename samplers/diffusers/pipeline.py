@@ -14,31 +14,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel, UNet2DModel, VQModel
 from diffusers.utils import BaseOutput
 from torch import Tensor
-from transformers import CLIPTextModel, CLIPTokenizer
 
+from ..defaults import DEFAULTS
 from ..denoiser import UNetDenoiser
 from ..guidance import LATENT_METHODS, POSTERIOR_SAMPLERS, Cost
 from ..solvers import randn_like
 
+if TYPE_CHECKING:  # text encoders need the optional ``transformers`` (``pip install "hessdiff[text]"``)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
 __all__ = ["PosteriorSamplingPipeline", "PosteriorSamplingOutput", "VAEAutoencoder", "DEFAULT_STEPS",
            "DEFAULT_METHOD_OPTIONS"]
 
-#: default ``num_inference_steps`` per method (the papers' settings)
-DEFAULT_STEPS: dict[str, int] = {"dps": 1000, "latent_dps": 1000, "psld": 1000, "stsl": 50}
-#: options the pipeline passes unless overridden in ``method_kwargs``. STSL's ``lam`` has no published
-#: value ("O(1/sigma_y^2)" with the step size folded in); 1.0 is a placeholder to tune per task.
+#: default ``num_inference_steps`` per method: the defaults table's published rows
+#: (:mod:`hessdiff.samplers.defaults`, shared with ``hessdiff restore`` and :func:`hessdiff.restore`)
+DEFAULT_STEPS: dict[str, int] = {m: int(rows["published"]["steps"]) for m, rows in DEFAULTS.items()}
+#: options the pipeline passes unless overridden in ``method_kwargs``: the same published rows
 DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
-    "dps": {"zeta": 0.3, "clip_x0": 1.0},  # the released code clamps x0_hat to [-1, 1] (image models)
-    "latent_dps": {"zeta": 1.0},
-    "psld": {"gamma": 0.1, "omega": 1.0},
-    "stsl": {"lam": 1.0, "eta": 0.02, "inner_steps": 5},
+    m: {k: v for k, v in rows["published"].items() if k != "steps"} for m, rows in DEFAULTS.items()
 }
 
 
