@@ -4,7 +4,7 @@
 DPM-Solver++ 2M / 3M) on exactly known priors -- the 25-component grid Gaussian mixture in
 ``d = 8, 80, 800`` (sliced W1 and component TV against exact draws) and a Gaussian with a
 CIFAR-like spectrum (``d = 3072``, exact W2). The exact denoiser stands in for the network, so the
-numbers measure the solvers alone. See :mod:`hessdiff.eval.bench_gmm` for the protocol.
+numbers measure the solvers alone. See :mod:`hessdiff.scripts.bench.gmm` for the protocol.
 
 The table is printed; ``--out`` appends the raw rows as JSON lines; ``--write-benchmarks`` replaces
 the marked section ``<!-- bench:gmm-prior --> ... <!-- /bench:gmm-prior -->`` of a Markdown file
@@ -193,7 +193,7 @@ def render_section(tables: str, command: str, machine: str, settings: dict[str, 
         f"Machine: {machine}; torch {torch.__version__}, {threads} thread(s); "
         f"{_dt.date.today().isoformat()}; total wall time {wall_s:.0f} s.",
         "",
-        "Protocol (details in `hessdiff.eval.bench_gmm`): the exact denoiser of each prior replaces the network, "
+        "Protocol (details in `hessdiff.scripts.bench.gmm`): the exact denoiser of each prior replaces the network, "
         "so only the solver errs. DDPM linear schedule (1000 steps, betas 1e-4..0.02). A grid of NFE steps "
         "(one network evaluation each) starts at t = 999 (`trailing`: diffusers' integer grid; `logsnr`: "
         "NFE + 1 points uniform in log-SNR from t = 999 to t = 0) and lands on clean data: the last step, from "
@@ -219,7 +219,7 @@ def run_gmm_prior(args: argparse.Namespace) -> int:
     s = _settings(args)
     import torch
 
-    from hessdiff.eval import bench_gmm as B
+    from hessdiff.scripts.bench import gmm as B
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -268,10 +268,10 @@ def run_gmm_prior(args: argparse.Namespace) -> int:
 
 
 def _register_posterior(sub: argparse._SubParsersAction) -> None:
-    """``hessdiff bench posterior``: the grid-GMM posterior benchmark (see :mod:`hessdiff.eval.bench_posterior`)."""
+    """``hessdiff bench posterior``: the grid-GMM posterior benchmark (see :mod:`hessdiff.scripts.bench.posterior`)."""
     q = sub.add_parser("posterior", help="posterior samplers (DPS, latent DPS, PSLD, STSL) on grid-GMM posteriors",
                        description="Grid-GMM posterior benchmark (PAPERS.md 5.2); protocol in "
-                                   "hessdiff.eval.bench_posterior. Rows go to --out (resumable).")
+                                   "hessdiff.scripts.bench.posterior. Rows go to --out (resumable).")
     q.add_argument("--dims", default="8,80,800", help="d_x values (default 8,80,800)")
     q.add_argument("--measurement-dims", default="1,2,4", help="d_y values (default 1,2,4)")
     q.add_argument("--sigmas", default="0.01,0.1,1.0", help="sigma_y values (default 0.01,0.1,1.0)")
@@ -299,7 +299,7 @@ def _register_posterior(sub: argparse._SubParsersAction) -> None:
 
 
 def run_posterior(args: argparse.Namespace) -> int:
-    from hessdiff.eval.bench_posterior import run_from_args
+    from hessdiff.scripts.bench.posterior import run_from_args
 
     return run_from_args(args)
 

@@ -1,9 +1,9 @@
-"""``hessdiff bench lml``: the LML benchmark (see :mod:`hessdiff.eval.bench_lml`).
+"""``hessdiff bench lml``: the LML benchmark (see :mod:`hessdiff.scripts.bench.lml`).
 
 Parts (``--parts``, default all): ``identity`` (the published correction in float64 vs the base
 sampler, and its float32 deviation vs the rounding law), ``hessian`` (curvature estimates vs the
 exact mixture Hessian), ``quality`` (sample error vs NFE with and without each correction, through
-:func:`hessdiff.eval.bench_gmm.run_prior_benchmark`, plus the >= 10 % goal summary), ``overhead``
+:func:`hessdiff.scripts.bench.gmm.run_prior_benchmark`, plus the >= 10 % goal summary), ``overhead``
 (wall clock per step on a small ``UNet2DModel`` on CPU), ``embedded`` (domain FID and PSNR / SSIM to the
 converged ODE solution on the embedded models; not part of the default set). Tables are printed; ``--out`` appends the
 raw rows as JSON lines; ``--write-benchmarks FILE`` replaces the ``<!-- bench:lml -->`` section of
@@ -61,7 +61,7 @@ def register_lml(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--hessian-dims", type=int, nargs="*", help=f"dimensions of the Hessian-error part "
                                                                f"(default {FULL['hessian_dims']})")
     g.add_argument("--variants", nargs="+", help="LML variants of the quality part (default: all; see "
-                                                 "hessdiff.eval.bench_lml.VARIANTS)")
+                                                 "hessdiff.scripts.bench.lml.VARIANTS)")
     g.add_argument("--bases", nargs="+", help="base solvers (default: ddim dpm-3 dpm++2m dpm++3m)")
     g.add_argument("--spacing", default="trailing", help="grid spacing (default trailing)")
     g.add_argument("--projections", type=int, help=f"sliced-W1 directions (default {FULL['projections']})")
@@ -132,8 +132,8 @@ def _quality_section(rows: list[dict[str, Any]], BL: Any, BG: Any) -> str:
 
 def _render(paths: list[str]) -> tuple[str, list[str]]:
     """The report of saved rows (``--out`` files): every part found, in the usual order."""
-    from hessdiff.eval import bench_gmm as BG
-    from hessdiff.eval import bench_lml as BL
+    from hessdiff.scripts.bench import gmm as BG
+    from hessdiff.scripts.bench import lml as BL
 
     parts: dict[str, list[dict[str, Any]]] = {}
     commands: list[str] = []
@@ -181,8 +181,8 @@ def run_lml(args: argparse.Namespace) -> int:
     s = _settings(args)
     import torch
 
-    from hessdiff.eval import bench_gmm as BG
-    from hessdiff.eval import bench_lml as BL
+    from hessdiff.scripts.bench import gmm as BG
+    from hessdiff.scripts.bench import lml as BL
     from hessdiff.scripts.cmd_bench import machine_description
 
     if args.threads is not None:

@@ -25,7 +25,10 @@ from functools import partial
 import pytest
 import torch
 
-from hessdiff.eval.bench_gmm import (
+from hessdiff.eval.metrics.distances import gaussian_w2
+from hessdiff.samplers.oracles.gmm import GMMDenoiser, cifar_like_spectrum, default_gmm_schedule
+from hessdiff.samplers.solvers import sample_ddim
+from hessdiff.scripts.bench.gmm import (
     convergence_order,
     default_methods,
     exact_ode_gain,
@@ -34,9 +37,6 @@ from hessdiff.eval.bench_gmm import (
     linear_gain,
     make_grid,
 )
-from hessdiff.eval.metrics.distances import gaussian_w2
-from hessdiff.samplers.oracles.gmm import GMMDenoiser, cifar_like_spectrum, default_gmm_schedule
-from hessdiff.samplers.solvers import sample_ddim
 
 NFES = (20, 40, 80, 160, 320)
 

@@ -1,12 +1,12 @@
-"""The LML benchmark plumbing (hessdiff.eval.bench_lml, ``hessdiff bench lml``) on tiny sizes."""
+"""The LML benchmark plumbing (hessdiff.scripts.bench.lml, ``hessdiff bench lml``) on tiny sizes."""
 
 import json
 
 import pytest
 import torch
 
-from hessdiff.eval import bench_lml as BL
 from hessdiff.samplers import CountingDenoiser, GMMDenoiser, grid_gmm_prior
+from hessdiff.scripts.bench import lml as BL
 from hessdiff.scripts.cli import main
 
 

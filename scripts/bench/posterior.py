@@ -762,7 +762,7 @@ def run_from_args(args: Any) -> int:
 SECTION_HEADER = """## Posterior benchmark: DPS, latent DPS, PSLD, STSL on grid-GMM posteriors
 (`hessdiff bench posterior`)
 
-Protocol (`hessdiff.eval.bench_posterior`): the PAPERS.md 5.2 problems (25-component grid prior with
+Protocol (`hessdiff.scripts.bench.posterior`): the PAPERS.md 5.2 problems (25-component grid prior with
 identity covariances and uniform weights, published seeding of `A`, `x*`, `y`); the exact denoiser of the
 prior replaces the network; DDPM linear schedule, `trailing` grid from t = 999 to clean data, start
 `sigma_0 * N(0, I)`. Metric: sliced W1 between the sampler's draws and as many exact posterior draws
@@ -778,7 +778,7 @@ DDIM step 1 more forward: see `net fwd` / `net bwd`).
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hessdiff.eval.bench_posterior ...`` = ``hessdiff bench posterior ...``."""
+    """``python -m hessdiff.scripts.bench.posterior ...`` = ``hessdiff bench posterior ...``."""
     from hessdiff.scripts.cli import main as cli_main
 
     return cli_main(["bench", "posterior", *(sys.argv[1:] if argv is None else argv)])

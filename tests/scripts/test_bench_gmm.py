@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hessdiff.eval import bench_gmm as B
 from hessdiff.eval.metrics.distances import component_tv
 from hessdiff.samplers.oracles.gmm import GaussianMixture, grid_gmm_prior
 from hessdiff.samplers.solvers import sample_ddim
+from hessdiff.scripts.bench import gmm as B
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from hessdiff.eval.bench_posterior import (
+from hessdiff.samplers.oracles.gmm import GaussianMixture, grid_gmm_problem
+from hessdiff.scripts.bench.posterior import (
     GridPosterior,
     StackedMatrixOperator,
     compare,
@@ -13,7 +14,6 @@ from hessdiff.eval.bench_posterior import (
     load_rows,
     run_posterior_benchmark,
 )
-from hessdiff.samplers.oracles.gmm import GaussianMixture, grid_gmm_problem
 from hessdiff.scripts.cli import main as cli_main
 from hessdiff.tasks.operators import MatrixOperator
 
@@ -101,7 +101,7 @@ def test_cli_quick_and_bad_options(tmp_path, capsys):
 
 
 def test_method_specs():
-    from hessdiff.eval.bench_posterior import method_from_spec
+    from hessdiff.scripts.bench.posterior import method_from_spec
 
     m = method_from_spec("stsl[eta=0;inner_steps=5;init_mode=inversion]")
     assert m.name == "stsl[eta=0;inner_steps=5;init_mode=inversion]"
@@ -114,7 +114,7 @@ def test_method_specs():
 
 
 def test_timing_helpers():
-    from hessdiff.eval.bench_posterior import (
+    from hessdiff.scripts.bench.posterior import (
         format_pipeline_timing,
         format_timing,
         time_interleaved,

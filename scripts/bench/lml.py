@@ -9,8 +9,8 @@ Four parts, each a function returning plain row dicts plus a Markdown formatter:
 * :func:`hessian_error_rows` -- each curvature estimate against the exact mixture Hessian along a
   DPM-Solver++(1) trajectory: relative operator-norm error ``|H_hat - H|_2 / |H|_2`` and relative
   error along the update direction ``|(H_hat - H) e| / |H e|`` (``e = eps_hat``), by rank and noise level.
-* :func:`quality_rows` -- the prior benchmark of :mod:`hessdiff.eval.bench_gmm`
-  (:func:`~hessdiff.eval.bench_gmm.run_prior_benchmark`, same problems, protocol and metrics) with
+* :func:`quality_rows` -- the prior benchmark of :mod:`hessdiff.scripts.bench.gmm`
+  (:func:`~hessdiff.scripts.bench.gmm.run_prior_benchmark`, same problems, protocol and metrics) with
   the LML methods of :func:`lml_methods`, at matched NFE (JVPs counted as network evaluations:
   a method with ``j`` JVPs runs ``NFE - j`` solver steps) and, for the JVP methods, also with JVPs
   not counted (suffix ``+jvp``: ``NFE`` steps plus the JVPs).
@@ -19,7 +19,7 @@ Four parts, each a function returning plain row dicts plus a Markdown formatter:
 
 :func:`goal_rows` summarises the quality table: for every mixture and NFE <= 10, the best base
 solver against the best LML method (relative improvement, and whether it exceeds 10 % and twice the
-seed spread). ``python -m hessdiff.eval.bench_lml`` / ``hessdiff bench lml`` run it from the shell.
+seed spread). ``hessdiff bench lml`` runs it from the shell.
 """
 
 from __future__ import annotations
@@ -35,14 +35,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessdiff.eval.bench_gmm import (
-    Method,
-    default_methods,
-    default_problems,
-    grid_gmm_prior_problem,
-    make_grid,
-    run_prior_benchmark,
-)
 from hessdiff.samplers.denoiser import CountingDenoiser
 from hessdiff.samplers.lml import (
     HessianStepCorrection,
@@ -58,6 +50,14 @@ from hessdiff.samplers.lml import (
 from hessdiff.samplers.lml.lowrank import flat
 from hessdiff.samplers.oracles.gmm import GMMDenoiser, default_gmm_schedule
 from hessdiff.samplers.solvers import StepContext, sample_dpm_solver
+from hessdiff.scripts.bench.gmm import (
+    Method,
+    default_methods,
+    default_problems,
+    grid_gmm_prior_problem,
+    make_grid,
+    run_prior_benchmark,
+)
 
 __all__ = [
     "BASES",
@@ -82,7 +82,7 @@ __all__ = [
     "format_embedded",
 ]
 
-#: the base solvers of the issue (names as in :func:`hessdiff.eval.bench_gmm.default_methods`)
+#: the base solvers of the issue (names as in :func:`hessdiff.scripts.bench.gmm.default_methods`)
 BASES: tuple[str, ...] = ("ddim", "dpm-3", "dpm++2m", "dpm++3m")
 
 
@@ -478,7 +478,7 @@ def quality_rows(
     num_projections: int = 1000,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """The prior benchmark (:func:`~hessdiff.eval.bench_gmm.run_prior_benchmark`) with :func:`lml_methods`
+    """The prior benchmark (:func:`~hessdiff.scripts.bench.gmm.run_prior_benchmark`) with :func:`lml_methods`
     (``triples`` overrides ``variants``/``bases``/``jvp_free``; :data:`DEFAULT_SET` is the published set)."""
     methods = lml_methods(variants, spacing=spacing, bases=bases, jvp_free=jvp_free, triples=triples)
     problems = default_problems(dims, gaussian_dim)
