@@ -48,8 +48,9 @@ from hessdiff.samplers.lml import (
     published_lambda,
 )
 from hessdiff.samplers.lml.lowrank import flat
+from hessdiff.samplers.loop import Proposal
 from hessdiff.samplers.oracles.gmm import GMMDenoiser, default_gmm_schedule
-from hessdiff.samplers.solvers import StepContext, sample_dpm_solver
+from hessdiff.samplers.solvers import sample_dpm_solver
 from hessdiff.scripts.bench.gmm import (
     Method,
     default_methods,
@@ -301,9 +302,9 @@ class _Recorder:
         self.inner.reset()
         self.pairs.clear()
 
-    def __call__(self, g: Tensor, ctx: StepContext) -> Tensor:
-        out = self.inner(g, ctx)
-        self.pairs.append((g.detach().clone(), out.detach().clone()))
+    def __call__(self, p: Proposal) -> Tensor:
+        out = self.inner(p)
+        self.pairs.append((p.g.detach().clone(), out.detach().clone()))
         return out
 
 
@@ -406,7 +407,8 @@ class _HessianProbe:
         for sc in self.secants.values():
             sc.reset()
 
-    def __call__(self, g: Tensor, ctx: StepContext) -> Tensor:
+    def __call__(self, ctx: Proposal) -> Tensor:
+        g = ctx.g
         den, d = self.den, self.d
         a, s = ctx.alpha, ctx.sigma
         eps = flat(ctx.pred.eps)
