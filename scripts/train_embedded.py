@@ -177,32 +177,47 @@ def diffusion_loss(unet: nn.Module, x0: Tensor, abar: Tensor, g: torch.Generator
     return nn.functional.mse_loss(unet(xt, t).sample, eps)
 
 
+class _ClipX0:
+    """A denoiser whose ``x0`` estimate is clamped to [-1, 1], the noise estimate recomputed from it
+    (diffusers' ``clip_sample``), for the pixel model's samples."""
+
+    def __init__(self, den: Any) -> None:
+        self.den, self.schedule = den, den.schedule
+
+    def __call__(self, x: Tensor, t: Tensor | float) -> Any:
+        from hessdiff.samplers.denoiser import Prediction, broadcast_time
+
+        pred = self.den(x, t)
+        a, s = (v.to(x).view(-1, *([1] * (x.ndim - 1))) for v in self.schedule.alpha_sigma(broadcast_time(t, x)))
+        x0 = pred.x0.clamp(-1, 1)
+        return Prediction(eps=(x - a * x0) / s, x0=x0)
+
+
 @torch.no_grad()
 def ddim_sample(
     unet: nn.Module, n: int, shape: Sequence[int], steps: int, g: torch.Generator, *, clip: bool, batch: int = 100
 ) -> Tensor:
     """Deterministic DDIM (eta = 0) from ``t = T-1`` to the clean sample, ``steps`` network calls.
 
-    Times ``round(linspace(T-1, 0, steps))``; the last update goes to ``alpha_bar = 1`` (the x0
-    prediction). ``clip`` clamps the x0 prediction to [-1, 1] (pixel models). Float64 update arithmetic.
+    :func:`hessdiff.samplers.solvers.sample_ddim` on the UNet behind
+    :class:`~hessdiff.samplers.denoiser.UNetDenoiser`, with the float64 training schedule
+    (:func:`alphas_cumprod`; a schedule rebuilt from the scheduler config has diffusers' float32
+    ``alphas_cumprod``). Times ``round(linspace(T-1, 0, steps))``; the last update goes to
+    ``alpha_bar = 1`` (the x0 prediction). ``clip`` clamps the x0 prediction to [-1, 1] (pixel models).
+    Float64 update arithmetic; the starting noise is drawn in float32 from ``g``, all at once.
     """
+    from hessdiff.samplers.denoiser import UNetDenoiser
+    from hessdiff.samplers.schedule import DiscreteVPSchedule
+    from hessdiff.samplers.solvers import sample_ddim
+
     abar = alphas_cumprod()
+    den: Any = UNetDenoiser(unet, DiscreteVPSchedule(abar), SCHEDULER["prediction_type"])
     ts = np.unique(np.rint(np.linspace(abar.numel() - 1, 0, steps)).astype(int))[::-1]
+    grid = den.schedule.grid_from_t(torch.tensor(ts.copy(), dtype=torch.float64))
+    if clip:
+        den = _ClipX0(den)
     noise = torch.randn((n, *shape), generator=g)
-    out = []
-    for xb in noise.split(batch):
-        x = xb.double()
-        for i, t in enumerate(ts):
-            a = abar[t]
-            a_next = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
-            eps = unet(x.float(), torch.full((x.shape[0],), int(t))).sample.double()
-            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-            if clip:
-                x0 = x0.clamp(-1, 1)
-                eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-            x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-        out.append(x.float())
-    return torch.cat(out)
+    return torch.cat([sample_ddim(den, xb.double(), grid).float() for xb in noise.split(batch)])
 
 
 def save_grid(x: Tensor, path: Path, nrow: int = 8) -> None:
@@ -254,17 +269,11 @@ def final_loss(losses: Sequence[float], k: int = 100) -> float:
 
 
 def frechet_distance(f1: Tensor, f2: Tensor) -> float:
-    """Fréchet distance of Gaussians fitted to two feature sets ``[N, F]`` (float64, eigen-decomposition).
+    """Fréchet distance of Gaussians fitted to two feature sets ``[N, F]`` (float64, unbiased covariances):
+    :func:`hessdiff.eval.metrics.fid_from_stats` of their :class:`~hessdiff.eval.metrics.FeatureStats`."""
+    from hessdiff.eval.metrics import FeatureStats, fid_from_stats
 
-    ``|m1 - m2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2)`` with unbiased covariances.
-    """
-    a, b = f1.double(), f2.double()
-    m1, m2 = a.mean(0), b.mean(0)
-    s1, s2 = torch.cov(a.T), torch.cov(b.T)
-    w, v = torch.linalg.eigh(s1)
-    r1 = (v * w.clamp_min(0).sqrt()) @ v.T
-    mid = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp_min(0).sqrt().sum()
-    return float((m1 - m2).pow(2).sum() + s1.trace() + s2.trace() - 2 * mid)
+    return fid_from_stats(FeatureStats().update(f1), FeatureStats().update(f2))
 
 
 # --------------------------------------------------------------------------------------------------
