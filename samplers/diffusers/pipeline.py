@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +27,10 @@ from ..denoiser import UNetDenoiser
 from ..guidance import LATENT_METHODS, POSTERIOR_SAMPLERS, Cost
 from ..solvers import randn_like
 
-if TYPE_CHECKING:  # text encoders need the optional ``transformers`` (``pip install "hessdiff[text]"``)
+try:  # text encoders need the optional ``transformers`` (``pip install "hessdiff[text]"``)
     from transformers import CLIPTextModel, CLIPTokenizer
+except ImportError:  # the annotations diffusers reads from __init__ must still resolve
+    CLIPTextModel = CLIPTokenizer = Any  # type: ignore[misc,assignment]
 
 __all__ = ["PosteriorSamplingPipeline", "PosteriorSamplingOutput", "VAEAutoencoder", "DEFAULT_STEPS",
            "DEFAULT_METHOD_OPTIONS"]
