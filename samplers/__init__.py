@@ -4,12 +4,12 @@ diffusion solvers (DDIM, DPM-Solver, DPM-Solver++, flow-matching Euler)."""
 from .denoiser import (
     PREDICTION_TYPES,
     CallableDenoiser,
-    CountingDenoiser,
     Denoiser,
     Prediction,
     UNetDenoiser,
     convert_prediction,
 )
+from .loop import Cost, CountingDenoiser, Method, Proposal, Result, sample
 from .oracles.gmm import (
     GaussianMixture,
     GMMDenoiser,
@@ -40,7 +40,8 @@ from .solvers import (
 )
 
 __all__ = [
-    "PREDICTION_TYPES", "CallableDenoiser", "CountingDenoiser", "Denoiser", "Prediction", "UNetDenoiser",
+    "PREDICTION_TYPES", "CallableDenoiser", "CountingDenoiser", "Cost", "Method", "Proposal", "Result",
+    "sample", "Denoiser", "Prediction", "UNetDenoiser",
     "convert_prediction", "GaussianMixture", "GMMDenoiser", "GMMProblem", "LinearAutoencoder",
     "cifar_like_spectrum", "grid_gmm_prior", "grid_gmm_problem", "ContinuousVPSchedule", "DiscreteVPSchedule",
     "FlowMatchingSchedule", "NoiseSchedule", "TimeGrid", "schedule_from_config", "SOLVERS", "StepContext",

@@ -31,7 +31,6 @@ __all__ = [
     "broadcast_time",
     "UNetDenoiser",
     "CallableDenoiser",
-    "CountingDenoiser",
 ]
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -123,33 +122,6 @@ class CallableDenoiser:
         tt = broadcast_time(t, x)
         a, s = self.schedule.alpha_sigma(tt)
         return convert_prediction(self.fn(x, tt.to(x.device)), x, a, s, self.prediction_type)
-
-
-class CountingDenoiser:
-    """Forward a denoiser and count its network evaluations (one per call, whatever the batch).
-
-    ``nfe`` counts calls of ``__call__``; other methods (``jvp_x0``...) are forwarded and counted
-    in ``extra`` by name so that cost tables can report them separately.
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.schedule = inner.schedule
-        self.nfe = 0
-        self.extra: dict[str, int] = {}
-
-    def __call__(self, x: Tensor, t: Tensor | float) -> Prediction:
-        self.nfe += 1
-        return self.inner(x, t)
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
-        if callable(attr):
-            def counted(*a: Any, **k: Any) -> Any:
-                self.extra[name] = self.extra.get(name, 0) + 1
-                return attr(*a, **k)
-            return counted
-        return attr
 
 
 class UNetDenoiser(nn.Module):

@@ -204,7 +204,25 @@ class CountingDenoiser:
 
     @property
     def nfe(self) -> int:
-        """Network evaluations, JVPs included (the benchmarks' count)."""
+        """Network forward passes (settable, e.g. ``counter.nfe = 0`` between runs)."""
+        return self.cost.network_forward
+
+    @nfe.setter
+    def nfe(self, value: int) -> None:
+        self.cost.network_forward = int(value)
+
+    @property
+    def extra(self) -> dict[str, int]:
+        """The other evaluations by kind (``{"jvp_x0": n}``); assigning ``{}`` resets them."""
+        return {"jvp_x0": self.cost.network_jvp} if self.cost.network_jvp else {}
+
+    @extra.setter
+    def extra(self, value: dict[str, int]) -> None:
+        self.cost.network_jvp = int(value.get("jvp_x0", 0))
+
+    @property
+    def evaluations(self) -> int:
+        """Forward passes plus JVPs: the count the benchmarks hold methods to."""
         return self.cost.network_forward + self.cost.network_jvp
 
     def decode(self, z: Tensor) -> Tensor:

@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessdiff.samplers.denoiser import CountingDenoiser
 from hessdiff.samplers.lml import (
     HessianStepCorrection,
     LMLCorrection,
@@ -48,7 +47,7 @@ from hessdiff.samplers.lml import (
     published_lambda,
 )
 from hessdiff.samplers.lml.lowrank import flat
-from hessdiff.samplers.loop import Proposal
+from hessdiff.samplers.loop import CountingDenoiser, Proposal
 from hessdiff.samplers.oracles.gmm import GMMDenoiser, default_gmm_schedule
 from hessdiff.samplers.solvers import sample_dpm_solver
 from hessdiff.scripts.bench.gmm import (
@@ -682,12 +681,13 @@ def embedded_rows(
 
         def run(fn: Callable[..., Tensor], grid: Any, den: CountingDenoiser = den, noise: Tensor = noise,
                 decode: Callable[[Tensor], Tensor] = decode) -> tuple[Tensor, float, int]:
-            outs, den.nfe = [], 0
+            outs = []
+            den.nfe, den.extra = 0, {}
             t0 = time.perf_counter()
             with torch.no_grad():
                 for xb in (float(grid.sigma[0]) * noise).split(batch_size):
                     outs.append(decode(fn(den, xb.clone(), grid)).float().clamp(-1, 1))
-            return torch.cat(outs), time.perf_counter() - t0, den.nfe // -(-n_samples // batch_size)
+            return torch.cat(outs), time.perf_counter() - t0, den.evaluations // -(-n_samples // batch_size)
 
         ref_grid = make_grid(den.schedule, reference_steps, spacing)
         ref, _, _ = run(default_methods()["dpm++2m"], ref_grid)

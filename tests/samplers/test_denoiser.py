@@ -6,11 +6,11 @@ from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from hessdiff.samplers.denoiser import (
     CallableDenoiser,
-    CountingDenoiser,
     Denoiser,
     UNetDenoiser,
     convert_prediction,
 )
+from hessdiff.samplers.loop import CountingDenoiser
 from hessdiff.samplers.oracles.gmm import GaussianMixture, GMMDenoiser
 from hessdiff.samplers.schedule import DiscreteVPSchedule, FlowMatchingSchedule
 

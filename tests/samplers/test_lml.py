@@ -534,7 +534,8 @@ def test_jvp_variant_runs_on_a_real_unet_through_autodiff():
         den.nfe = 0
         out = sample_dpm_solver(den, x, grid, order=2, correction=corr)
     assert torch.isfinite(out).all() and out.dtype == torch.float32
-    assert den.nfe == 2 + 1  # each autodiff JVP is one (counted) network call
+    # each autodiff JVP is one (counted) network evaluation, counted apart from the forward passes
+    assert den.evaluations == 2 + 1 and den.nfe == 2 and den.extra == {"jvp_x0": 1}
     assert float((out - base).norm() / base.norm()) > 1e-6
 
 
