@@ -112,6 +112,8 @@ def restore(model: Any, measurement: Any, *, method: str | None = None, steps: i
     check_method(method, model.is_latent, model.source or "the model")
     opts, default_steps = method_options(method, dict(options or {}), model_family(model.source), defaults)
     steps = default_steps if steps is None else steps
+    if "sigma_y" in accepted_options(method) and "sigma_y" not in opts:  # the noise level of the task
+        opts["sigma_y"] = float(getattr(measurement, "params", {}).get("sigma_y", 0.0))
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not isinstance(seed, int) or seed < 0:

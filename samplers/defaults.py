@@ -41,6 +41,11 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         # embedded models; the unsquared one with 2 inner steps and ancestral steps measured best
         "mnist": {"steps": 50, "lam": 1.0, "inner_steps": 2, "data_norm": "unsquared", "ddim_eta": 1.0},
     },
+    "mmps": {
+        # Rozet et al. 2024 (mmps-benchmark): DDIM eta = 1, 5 GMRES iterations, x0_hat clamped to [-1, 1];
+        # 10 steps was their best on SR x4 and motion deblur, 100 steps the second table row
+        "published": {"steps": 100, "iterations": 5, "solver": "gmres", "ddim_eta": 1.0, "clip_x0": 1.0},
+    },
 }
 
 #: embedded model name -> family (hub ids and folders have no family: their rows are the published ones)

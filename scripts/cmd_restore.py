@@ -59,12 +59,12 @@ DEFAULT_STEPS = 50  # the embedded models' rows; other models take their method'
 #: unsquared (normalised) data term as DPS does.
 #: the options each method runs with on the embedded models (the defaults table's "mnist" rows)
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    m: {k: v for k, v in rows["mnist"].items() if k != "steps"} for m, rows in DEFAULTS.items()
+    m: {k: v for k, v in rows.get("mnist", rows["published"]).items() if k != "steps"} for m, rows in DEFAULTS.items()
 }
 
 #: the option that sets each method's step size (named in the divergence hint)
 _STEP_OPTION = {"dps": "--option zeta=...", "latent_dps": "--option zeta=...", "psld": "--option omega=...",
-                "stsl": "--option lam=..."}
+                "stsl": "--option lam=...", "mmps": "--option iterations=..."}
 
 #: options the command sets itself (not accepted from --option)
 _RESERVED = ("generator", "callback", "progress", "autoencoder")
@@ -189,12 +189,12 @@ def _fit_image(x: Tensor, resolution: int, no_resize: bool, source: str) -> tupl
     from PIL import Image
 
     from hessdiff.eval.images import resize_image
-    from hessdiff.tasks.io import image_to_uint8
+    from hessdiff.utils.images import from_uint8, to_uint8_array
 
-    pil = Image.fromarray(image_to_uint8(x))
+    pil = Image.fromarray(to_uint8_array(x))
     arr = torch.from_numpy(np.asarray(resize_image(pil, resolution, "center-crop")).copy())
     arr = arr[..., None] if arr.ndim == 2 else arr
-    out = (arr.permute(2, 0, 1)[None].to(torch.float32) / 127.5 - 1.0).contiguous()
+    out = from_uint8(arr.permute(2, 0, 1)[None]).contiguous()
     note = (f"note: the image is {h}x{w}; centre-cropped and resized (bicubic) to {resolution}x{resolution}, "
             f"the resolution of {source} (--no-resize refuses instead)")
     return out, note
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         to_rgb_uint8,
     )
     from hessdiff.tasks import load_preset, make_task
-    from hessdiff.tasks.io import image_to_uint8, load_image
+    from hessdiff.utils.images import load_image, to_uint8_array
 
     t_start = time.perf_counter()
     say = (lambda *a: None) if args.quiet else print
@@ -286,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
             check_method(method, model.is_latent, source)
         except ValueError as exc:
             raise CLIError(str(exc)) from exc
-        x = load_image(args.image, mode="L" if model.channels == 1 else "RGB") if x_file.shape[1] != model.channels \
+        x = load_image(args.image, channels=1 if model.channels == 1 else 3) if x_file.shape[1] != model.channels \
             else x_file
         x, note = _fit_image(x, int(model.resolution), args.no_resize, source)
         if note:
@@ -323,11 +323,11 @@ def run(args: argparse.Namespace) -> int:
             "device": str(device), "dtype": str(dtype).replace("torch.", ""), "metrics_vs_input": scores,
             "measurement_metrics_vs_input": base, "cost": cost.as_dict(),
         }
-        y_pic = image_to_uint8(m.y.detach().cpu())
+        y_pic = to_uint8_array(m.y.detach().cpu())
         comparison = labelled_row([to_rgb_uint8(x), to_rgb_uint8(m.y), to_rgb_uint8(restored)],
                                   ["input", "measurement", f"restored ({method})"])
         written = out.write({
-            "restored.png": png_writer(image_to_uint8(restored)),
+            "restored.png": png_writer(to_uint8_array(restored)),
             "comparison.png": png_writer(comparison),
             "measurement.png": png_writer(y_pic),
             "measurement.pt": lambda tmp: torch.save({**m.to_dict(), "image": str(args.image)}, tmp),

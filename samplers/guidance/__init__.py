@@ -8,6 +8,8 @@ line by line; the comments cite the equations:
   :class:`DPS` is DPS and latent DPS (the loss taken through ``run.decode``), :class:`PSLD` (``psld.py``)
   PSLD with its gluing term;
 * :class:`STSL` (``stsl.py``): inner gradient steps on STSL's surrogate loss, then a DDIM step;
+* :class:`MMPSDenoiser` (``mmps.py``): MMPS's moment-matched posterior denoiser, a *denoiser transform*
+  that composes with any solver (:func:`sample_mmps` runs it on DDIM);
 * ``measurement.py``: the measurement and input checks, norms, step-size schedules and
   :func:`hutchinson_trace_fd`; ``result.py``: :class:`Cost` and :func:`run_posterior`.
 
@@ -43,6 +45,7 @@ from collections.abc import Callable
 from ..loop import CountingDenoiser, Result
 from .dps import DPS, GuidedDDIM, sample_dps, sample_latent_dps
 from .measurement import hutchinson_trace_fd, prepare_measurement
+from .mmps import MMPSDenoiser, sample_mmps
 from .psld import PSLD, sample_psld
 from .result import Cost, PosteriorResult, run_posterior
 from .stsl import STSL, STSLOptions, sample_stsl
@@ -55,6 +58,8 @@ __all__ = [
     "sample_latent_dps",
     "sample_psld",
     "sample_stsl",
+    "sample_mmps",
+    "MMPSDenoiser",
     "hutchinson_trace_fd",
     "prepare_measurement",
     "POSTERIOR_SAMPLERS",
@@ -74,6 +79,7 @@ POSTERIOR_SAMPLERS: dict[str, Callable[..., Result]] = {
     "latent_dps": sample_latent_dps,
     "psld": sample_psld,
     "stsl": sample_stsl,
+    "mmps": sample_mmps,
 }
 #: methods that need an autoencoder
 LATENT_METHODS = ("latent_dps", "psld")

@@ -1,0 +1,58 @@
+"""A few Krylov iterations for batched linear systems ``M u = b`` (one system per sample).
+
+``matvec`` maps ``[B, m]`` float64 to ``[B, m]`` float64; every inner product and the small least-squares
+problem run in float64 whatever the network's dtype. No convergence test: a fixed number of
+iterations, as MMPS uses them (1--5 iterations are an implicit damping of a trained Jacobian).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["cg", "gmres", "KRYLOV_SOLVERS"]
+
+MatVec = Callable[[Tensor], Tensor]
+_TINY = 1e-300
+
+
+def cg(matvec: MatVec, b: Tensor, iterations: int) -> Tensor:
+    """Conjugate gradients from ``u = 0`` (``M`` symmetric positive definite)."""
+    u = torch.zeros_like(b)
+    r, p = b.clone(), b.clone()
+    rs = (r * r).sum(1)
+    for _ in range(iterations):
+        Mp = matvec(p)
+        step = rs / (p * Mp).sum(1).clamp(min=_TINY)
+        u = u + step[:, None] * p
+        r = r - step[:, None] * Mp
+        rs_new = (r * r).sum(1)
+        p = r + (rs_new / rs.clamp(min=_TINY))[:, None] * p
+        rs = rs_new
+    return u
+
+
+def gmres(matvec: MatVec, b: Tensor, iterations: int) -> Tensor:
+    """GMRES from ``u = 0`` without restart (``M`` need not be symmetric): Arnoldi with modified
+    Gram--Schmidt, then the ``(k + 1) x k`` least-squares problem per sample."""
+    B, k = b.shape[0], iterations
+    beta = b.norm(dim=1)
+    V = [b / beta.clamp(min=_TINY)[:, None]]
+    H = torch.zeros(B, k + 1, k, dtype=b.dtype, device=b.device)
+    for j in range(k):
+        w = matvec(V[j])
+        for i in range(j + 1):
+            H[:, i, j] = (w * V[i]).sum(1)
+            w = w - H[:, i, j, None] * V[i]
+        H[:, j + 1, j] = w.norm(dim=1)
+        V.append(w / H[:, j + 1, j].clamp(min=_TINY)[:, None])
+    e1 = torch.zeros(B, k + 1, 1, dtype=b.dtype, device=b.device)
+    e1[:, 0, 0] = beta
+    coef = torch.linalg.lstsq(H, e1).solution[:, :, 0]  # [B, k]
+    return sum(coef[:, j, None] * V[j] for j in range(k))
+
+
+#: name -> solver
+KRYLOV_SOLVERS: dict[str, Callable[[MatVec, Tensor, int], Tensor]] = {"cg": cg, "gmres": gmres}

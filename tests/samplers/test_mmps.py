@@ -1,0 +1,125 @@
+"""MMPS against exact Gaussian oracles, and the Krylov solvers against dense solves."""
+
+import math
+
+import pytest
+import torch
+
+from hessdiff.samplers.guidance import MMPSDenoiser, get_posterior_sampler, sample_mmps
+from hessdiff.samplers.guidance.krylov import cg, gmres
+from hessdiff.samplers.loop import sample
+from hessdiff.samplers.oracles.gmm import GaussianMixture, GMMDenoiser, LinearAutoencoder
+from hessdiff.samplers.solvers import DDIM, DPMSolver
+from hessdiff.tasks.operators import MatrixOperator
+
+DT = torch.float64
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("solver", [cg, gmres])
+def test_krylov_with_m_iterations_is_the_dense_solve(solver):
+    g = _gen(0)
+    B, m = 3, 7
+    L = torch.randn(B, m, m, generator=g, dtype=DT)
+    M = L @ L.transpose(1, 2) + 0.5 * torch.eye(m, dtype=DT)  # SPD (CG needs it; GMRES does not)
+    if solver is gmres:
+        M = M + 0.3 * torch.randn(B, m, m, generator=g, dtype=DT)  # not symmetric
+    b = torch.randn(B, m, generator=g, dtype=DT)
+    u = solver(lambda v: (M @ v[:, :, None])[:, :, 0], b, m)
+    torch.testing.assert_close(u, torch.linalg.solve(M, b), rtol=1e-8, atol=1e-8)
+    one = solver(lambda v: (M @ v[:, :, None])[:, :, 0], b, 1)  # one iteration: a step along b
+    if solver is gmres:  # GMRES minimises the residual over the Krylov space
+        res = ((M @ one[:, :, None])[:, :, 0] - b).norm(dim=1)
+        assert bool((res < b.norm(dim=1)).all())
+    else:  # CG minimises the error in the M-norm
+        e1, e0 = torch.linalg.solve(M, b) - one, torch.linalg.solve(M, b)
+        energy = lambda e: (e[:, None, :] @ M @ e[:, :, None]).flatten()  # noqa: E731
+        assert bool((energy(e1) < energy(e0)).all())
+
+
+def _gaussian_problem(d=16, m=8, sigma_y=0.2, seed=0):
+    g = _gen(seed)
+    L = torch.randn(d, d, generator=g, dtype=DT) / math.sqrt(d)
+    prior = GaussianMixture(torch.ones(1, dtype=DT), torch.randn(1, d, generator=g, dtype=DT),
+                            (L @ L.T + 0.1 * torch.eye(d, dtype=DT))[None])
+    A = torch.randn(m, d, generator=g, dtype=DT) / math.sqrt(d)
+    y = prior.sample(1, g) @ A.T + sigma_y * torch.randn(1, m, generator=g, dtype=DT)
+    return prior, A, y, prior.posterior(A, y[0], sigma_y)
+
+
+def _errors(s, post):
+    pm, pc = post.mean(), post.covariance()
+    return float((s.mean(0) - pm).norm() / pm.norm()), float((torch.cov(s.T) - pc).norm() / pc.norm())
+
+
+@pytest.mark.parametrize("solver_name", ["dpm++2m", "ddim-eta1"])
+def test_mmps_reaches_the_exact_gaussian_posterior_at_50_steps(solver_name):
+    """Gaussian prior + linear A: the moment-matched likelihood is exact, so with enough Krylov
+    iterations MMPS samples the posterior: on DPM-Solver++(2M) mean and covariance within 2x the
+    Monte-Carlo error of exact draws of the same size; on DDIM eta = 1 (the paper's loop) the mean."""
+    n, sy = 1000, 0.2
+    prior, A, y, post = _gaussian_problem(sigma_y=sy)
+    den = GMMDenoiser(prior)
+    grid = den.schedule.grid(50, "trailing")
+    x = float(grid.sigma[0]) * torch.randn(n, 16, generator=_gen(1), dtype=DT)
+    method = DPMSolver(2) if solver_name == "dpm++2m" else DDIM(1.0)
+    guided = MMPSDenoiser(den, MatrixOperator(A), y, sy, iterations=8, solver="gmres")
+    res = sample(guided, x, grid, method, generator=_gen(2))
+    mean_err, cov_err = _errors(res.samples, post)
+    exact_mean, exact_cov = _errors(post.sample(n, _gen(3)), post)
+    mc_mean = math.sqrt(float(torch.diagonal(post.covariance()).sum()) / n) / float(post.mean().norm())
+    assert mean_err <= 2 * mc_mean, (mean_err, mc_mean)
+    if solver_name == "dpm++2m":  # the ODE solver is also exact in covariance at 50 steps
+        assert cov_err <= 2 * exact_cov, (cov_err, exact_cov)
+    else:  # the ancestral (DDPM-like) step keeps a discretisation bias in the covariance at 50 steps
+        assert cov_err > 2 * exact_cov
+    assert exact_mean <= 2 * mc_mean  # the yardstick itself is the Monte-Carlo error
+
+
+def test_sample_mmps_counts_vjps_and_one_iteration_is_worse():
+    prior, A, y, post = _gaussian_problem()
+    den = GMMDenoiser(prior)
+    grid = den.schedule.grid(20, "trailing")
+    x = float(grid.sigma[0]) * torch.randn(500, 16, generator=_gen(1), dtype=DT)
+    res = sample_mmps(den, MatrixOperator(A), y, x, grid, sigma_y=0.2, iterations=3, generator=_gen(2))
+    assert res.cost.network_forward == 20 and res.cost.network_backward == 20 * (3 + 1)
+    assert res.cost.nfe == 20 * 5
+    assert get_posterior_sampler("mmps") is sample_mmps
+    one = sample_mmps(den, MatrixOperator(A), y, x, grid, sigma_y=0.2, iterations=1, solver="cg", generator=_gen(2))
+    assert _errors(res.samples, post)[0] < _errors(one.samples, post)[0]
+
+
+def test_latent_mmps_matches_the_exact_latent_posterior_mean():
+    g = _gen(4)
+    d_z, d_x, m, sy = 4, 10, 3, 0.1
+    prior = GaussianMixture(torch.ones(1, dtype=DT), torch.randn(1, d_z, generator=g, dtype=DT),
+                            (0.5 + torch.rand(1, d_z, generator=g, dtype=DT)))
+    ae = LinearAutoencoder.random(d_x, d_z, generator=g)
+    A = torch.randn(m, d_x, generator=g, dtype=DT) / math.sqrt(d_x)
+    y = ae.decode(prior.sample(1, g)) @ A.T + sy * torch.randn(1, m, generator=g, dtype=DT)
+    post = prior.posterior(A @ ae.W, y[0], sy)
+    den = GMMDenoiser(prior)
+    grid = den.schedule.grid(30, "trailing")
+    z = float(grid.sigma[0]) * torch.randn(1000, d_z, generator=_gen(5), dtype=DT)
+    res = sample_mmps(den, MatrixOperator(A), y, z, grid, ae, sigma_y=sy, iterations=m, solver="cg",
+                      ddim_eta=0.0)
+    mc = math.sqrt(float(torch.diagonal(post.covariance()).sum()) / 1000) / float(post.mean().norm())
+    assert _errors(res.samples, post)[0] <= 2 * mc
+    assert res.images.shape == (1000, d_x) and res.cost.decoder_backward == 30 * (m + 1)
+
+
+def test_mmps_bad_input():
+    prior, A, y, _ = _gaussian_problem()
+    den = GMMDenoiser(prior)
+    with pytest.raises(ValueError, match="Krylov solver"):
+        MMPSDenoiser(den, MatrixOperator(A), y, 0.2, solver="bicg")
+    with pytest.raises(ValueError, match="sigma_y"):
+        MMPSDenoiser(den, MatrixOperator(A), y, -1.0)
+    with pytest.raises(ValueError, match="iterations"):
+        MMPSDenoiser(den, MatrixOperator(A), y, 0.2, iterations=0)
+    grid = den.schedule.grid(5)
+    with pytest.raises(ValueError, match="measurement"):
+        sample_mmps(den, MatrixOperator(A), y[:, :3], torch.zeros(2, 16, dtype=DT), grid, sigma_y=0.2)
