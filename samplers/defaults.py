@@ -49,7 +49,9 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 #: embedded model name -> family (hub ids and folders have no family: their rows are the published ones)
-EMBEDDED_FAMILIES: dict[str, str] = {"mnist": "mnist", "mnist-ddpm": "mnist", "mnist-ldm": "mnist"}
+#: (the embedded Fashion-MNIST models are the same size and image format: they use the rows tuned on MNIST)
+EMBEDDED_FAMILIES: dict[str, str] = {"mnist": "mnist", "mnist-ddpm": "mnist", "mnist-ldm": "mnist",
+                                     "fashion": "mnist", "fashion-ddpm": "mnist", "fashion-ldm": "mnist"}
 
 
 def model_family(source: str | None) -> str | None:

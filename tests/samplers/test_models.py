@@ -298,3 +298,72 @@ def test_model_cards_state_measured_figures():
         for f in ("README.md", "loss_curve.png", "sample_grid.png", "unet/diffusion_pytorch_model.safetensors"):
             assert (d / f).is_file(), d / f
         assert (d / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size < 8e6
+
+
+# --------------------------------------------------------------------------------------------- fashion
+
+
+def test_fashion_held_out_set_is_balanced_and_shuffled():
+    x, y = M.embedded_dataset("test", with_labels=True, family="fashion")
+    assert x.shape == (1000, 1, 32, 32) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+    assert torch.all(x[..., :2, :] == -1) and torch.all(x[..., -2:] == -1)  # padded like MNIST
+    assert torch.equal(torch.bincount(y, minlength=10), torch.full((10,), 100))
+    assert torch.equal(torch.bincount(y[:20], minlength=10), torch.full((10,), 2))
+    for k in range(1, 101):
+        assert torch.equal(torch.bincount(y[: 10 * k], minlength=10), torch.full((10,), k))
+    with np.load(M.assets_path() / M.FASHION_TEST_FILE) as f:
+        src, images, labels = f["source_index"], f["images"], f["labels"]
+    assert images.dtype == np.uint8 and images.shape == (1000, 28, 28) and np.unique(src).size == 1000
+    xi, yi = M.embedded_dataset("test", with_labels=True, family="fashion", order="index")
+    perm = np.argsort(src)
+    assert torch.equal(xi, x[torch.as_tensor(perm)]) and torch.equal(yi, torch.as_tensor(labels[perm]))
+    with pytest.raises(ValueError, match="unknown family"):
+        M.embedded_dataset("test", family="cifar")
+    with pytest.raises(ValueError, match="unknown split"):
+        M.embedded_dataset("all", family="fashion")
+
+
+def test_fashion_held_out_set_matches_the_official_test_split():
+    try:
+        images, labels = M.load_fashion_mnist("t10k")
+    except M.ModelLoadError:
+        pytest.skip("dataset-fashion-mnist is not installed")
+    assert images.shape == (10000, 28, 28) and np.array_equal(np.bincount(labels), np.full(10, 1000))
+    idx = M.fashion_test_indices(labels)
+    with np.load(M.assets_path() / M.FASHION_TEST_FILE) as f:
+        assert np.array_equal(f["source_index"], idx)
+        assert np.array_equal(f["images"], images[idx]) and np.array_equal(f["labels"], labels[idx])
+
+
+def test_idx_reader_and_missing_fashion_files(tmp_path, monkeypatch):
+    import gzip
+    import struct
+
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    with gzip.open(tmp_path / "a-images-idx3-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">3I", 2, 3, 4) + arr.tobytes())
+    assert np.array_equal(M.read_idx_gz(tmp_path / "a-images-idx3-ubyte.gz"), arr)
+    (tmp_path / "raw-idx1").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 3) + bytes([7, 8, 9]))
+    assert M.read_idx_gz(tmp_path / "raw-idx1").tolist() == [7, 8, 9]
+    (tmp_path / "bad").write_bytes(bytes([1, 2, 8, 1, 0, 0, 0, 1, 5]))
+    with pytest.raises(ValueError, match="magic"):
+        M.read_idx_gz(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 5) + bytes([1]))
+    with pytest.raises(ValueError, match="does not match"):
+        M.read_idx_gz(tmp_path / "short")
+    monkeypatch.setenv("HESSDIFF_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(M.ModelLoadError, match="apt-get install dataset-fashion-mnist"):
+        M.load_fashion_mnist("train")
+    with pytest.raises(ValueError, match="unknown Fashion-MNIST split"):
+        M.load_fashion_mnist("test")
+
+
+def test_fashion_names_are_embedded():
+    for name in ("fashion", "hessdiff/fashion-ddpm", "fashion-ldm", "hessdiff/fashion-classifier"):
+        assert name in M.EMBEDDED_MODELS
+    with pytest.raises(ValueError, match="classifier"):
+        M.load_model("hessdiff/fashion-classifier")
+    from hessdiff.samplers.defaults import model_family
+
+    # the same size and image format as the MNIST models: the defaults rows tuned on MNIST
+    assert model_family("fashion") == model_family("hessdiff/fashion-ldm") == "mnist"
