@@ -19,9 +19,11 @@ from ..schedule import TimeGrid
 from .ddim import DDIM, ddim_step, ddim_variance
 from .dpm import DPMSolver, dpm_orders
 from .euler import FlowEuler
+from .unipc import IPNDM, UniPC, unipc_coefficients
 
 __all__ = [
-    "DDIM", "DPMSolver", "FlowEuler", "ddim_step", "ddim_variance", "dpm_orders", "StepContext", "StepCorrection",
+    "DDIM", "DPMSolver", "FlowEuler", "UniPC", "IPNDM", "unipc_coefficients", "sample_unipc", "sample_ipndm",
+    "ddim_step", "ddim_variance", "dpm_orders", "StepContext", "StepCorrection",
     "randn_like", "sample_ddim", "sample_dpm_solver", "sample_dpm_solver_pp", "sample_flow_euler", "SOLVERS",
     "get_solver", "make_solver",
 ]
@@ -54,6 +56,17 @@ def sample_flow_euler(denoiser: Any, x: Tensor, grid: TimeGrid, **hooks: Any) ->
     return _run(FlowEuler(), denoiser, x, grid, **hooks)
 
 
+def sample_unipc(denoiser: Any, x: Tensor, grid: TimeGrid, *, order: int = 2, variant: str = "bh2",
+                 predict_x0: bool = True, lower_order_final: bool = True, **hooks: Any) -> Tensor:
+    """UniPC (:class:`UniPC`), diffusers' ``UniPCMultistepScheduler`` defaults (bh2, order 2)."""
+    return _run(UniPC(order, variant, predict_x0, lower_order_final), denoiser, x, grid, **hooks)
+
+
+def sample_ipndm(denoiser: Any, x: Tensor, grid: TimeGrid, *, order: int = 4, **hooks: Any) -> Tensor:
+    """iPNDM (:class:`IPNDM`), order 4 with a lower-order warm start."""
+    return _run(IPNDM(order), denoiser, x, grid, **hooks)
+
+
 def _dpm3(denoiser: Any, x: Tensor, grid: TimeGrid, **kw: Any) -> Tensor:
     kw.setdefault("order", 3)
     return sample_dpm_solver(denoiser, x, grid, algorithm="dpmsolver", **kw)
@@ -65,6 +78,8 @@ SOLVERS: dict[str, Callable[..., Tensor]] = {
     "dpm": _dpm3,
     "dpm++": sample_dpm_solver_pp,
     "euler": sample_flow_euler,
+    "unipc": sample_unipc,
+    "ipndm": sample_ipndm,
 }
 
 _METHODS: dict[str, Callable[..., Method]] = {
@@ -72,6 +87,8 @@ _METHODS: dict[str, Callable[..., Method]] = {
     "dpm": lambda **kw: DPMSolver(**{"order": 3, **kw, "algorithm": "dpmsolver"}),
     "dpm++": lambda **kw: DPMSolver(**{"order": 2, **kw, "algorithm": "dpmsolver++"}),
     "euler": FlowEuler,
+    "unipc": UniPC,
+    "ipndm": IPNDM,
 }
 
 
