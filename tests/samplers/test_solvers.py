@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEuler
 
 from hessdiff.eval.metrics.distances import sliced_wasserstein
 from hessdiff.samplers.denoiser import CallableDenoiser, UNetDenoiser
-from hessdiff.samplers.loop import Proposal
+from hessdiff.samplers.loop import Proposal, sample
 from hessdiff.samplers.oracles.gmm import GaussianMixture, GMMDenoiser, grid_gmm_prior
 from hessdiff.samplers.schedule import (
     DiscreteVPSchedule,
@@ -28,6 +28,7 @@ from hessdiff.samplers.solvers import (
     SOLVERS,
     StepContext,
     get_solver,
+    make_solver,
     sample_ddim,
     sample_dpm_solver,
     sample_flow_euler,
@@ -40,15 +41,6 @@ CFG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-
 # ------------------------------------------------------------------------------------------------
 # fixtures
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is faster, and much faster on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def schedule() -> DiscreteVPSchedule:
     return DiscreteVPSchedule.from_config(CFG)
@@ -372,11 +364,21 @@ def test_correction_hook(gmm):
         assert (scaled - base).abs().max().item() > 1e-3, f"{name}: a scaling correction changed nothing"
 
 
-def test_solver_registry():
-    for name in ("ddim", "dpm", "dpm++", "euler"):
-        assert callable(get_solver(name)) and get_solver(name) is SOLVERS[name]
+def test_solver_registry(gmm):
+    """Every registered solver function is the loop running the method of the same name."""
+    flow_den = GMMDenoiser(gmm.prior, FlowMatchingSchedule())
+    for name, fn in SOLVERS.items():
+        den = flow_den if name == "euler" else gmm
+        grid = den.schedule.grid(6, s_start=0.99) if name == "euler" else den.schedule.grid(6, "trailing")
+        x = den.marginal(float(grid.t[0])).sample(3, torch.Generator().manual_seed(0))
+        out = fn(den, x, grid)
+        assert torch.isfinite(out).all() and out.shape == x.shape, name
+        assert torch.equal(out, sample(den, x, grid, make_solver(name)).samples), name
+        assert get_solver(name) is fn
     with pytest.raises(ValueError, match="unknown solver 'heun2'"):
         get_solver("heun2")
+    with pytest.raises(ValueError, match="unknown solver 'heun2'"):
+        make_solver("heun2")
 
 
 # ------------------------------------------------------------------------------------------------
