@@ -19,7 +19,8 @@ from .lowrank import LowRankSym, flat, lanczos, nystrom, random_probes
 
 __all__ = [
     "denoiser_jvp", "jvp_curvature", "exact_curvature", "hessian_from_curvature", "SecantCurvature",
-    "transport", "secant_to_level", "floor_value", "JVPSource", "SecantSource",
+    "transport", "secant_to_level", "floor_value", "JVPSource", "SecantSource", "DataCovarianceSource",
+    "GatedSource",
 ]
 
 def denoiser_jvp(denoiser: Any, x: Tensor, t: Tensor | float, v: Tensor) -> Tensor:
@@ -289,3 +290,80 @@ class JVPSource:
                           generator=self.generator, floor=self.floor, dtype=self.dtype, project=project)
         self._held, self._since = (A, rho), 1
         return A
+
+
+class DataCovarianceSource:
+    """Curvature of a Gaussian with the data's covariance (a model-free prior): with
+    ``Sigma = V diag(c) V^T + c0 (I - V V^T)``, ``A = Sigma (Sigma + rho^2 I)^{-1}`` has eigenvalues
+    ``c / (c + rho^2)`` and ``c0 / (c0 + rho^2)`` on the complement -- exact at every noise level when the
+    data are Gaussian, and free (no network evaluation). Build it with :meth:`from_data`."""
+
+    jvp_calls = 0
+
+    def __init__(self, V: Tensor, c: Tensor, c0: float) -> None:
+        if V.ndim != 2 or c.shape != (V.shape[1],):
+            raise ValueError(f"V must be [d, k] and c [k], got {tuple(V.shape)} and {tuple(c.shape)}")
+        self.V, self.c, self.c0 = V.to(torch.float64), c.to(torch.float64), float(c0)
+
+    @classmethod
+    def from_data(cls, x: Tensor, rank: int = 32) -> DataCovarianceSource:
+        """The top-``rank`` principal directions of the data ``x`` ``[N, ...]`` and the mean variance of
+        the rest."""
+        X = flat(x).to(torch.float64)
+        X = X - X.mean(0, keepdim=True)
+        n, d = X.shape
+        _, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        var = S**2 / max(n - 1, 1)
+        k = min(rank, var.numel())
+        rest = (var.sum() - var[:k].sum()) / max(d - k, 1)
+        return cls(Vh[:k].T.contiguous(), var[:k], float(rest))
+
+    def reset(self) -> None:
+        pass
+
+    def observe(self, y: Tensor, x0: Tensor, rho: float) -> None:
+        pass
+
+    def at(self, rho: float, batch: int) -> LowRankSym:
+        r2 = rho * rho
+        U = self.V.expand(batch, *self.V.shape)
+        s = (self.c / (self.c + r2)).expand(batch, -1)
+        s0 = torch.full((batch,), self.c0 / (self.c0 + r2), dtype=torch.float64, device=self.V.device)
+        return LowRankSym(U, s, s0)
+
+    def estimate(self, ctx: Any, eps: Tensor, rho: float, project: Tensor | None) -> LowRankSym | None:
+        A = self.at(rho, eps.shape[0])
+        if project is None:
+            return A
+        # the compressed operator P A P on the complement of the unit vectors ``project``
+        n = project.to(A.U.dtype)
+        U = A.U - n[:, :, None] * (n[:, :, None] * A.U).sum(1, keepdim=True)
+        return LowRankSym(torch.linalg.qr(U)[0], A.s, A.s0)
+
+
+class GatedSource:
+    """Model curvature where it can be trusted, a prior above a noise level: ``low`` (e.g. a
+    :class:`JVPSource` or :class:`SecantSource` of the network) for ``rho = sigma / alpha < gate``, ``high``
+    (e.g. :class:`DataCovarianceSource`) at ``rho >= gate``. Trained networks' Jacobians are wrong at high
+    noise (Peng et al. 2024 use the model statistic only for sigma < 0.2; Free Hunch updates only for
+    1 < sigma < 10); both sources see every state."""
+
+    def __init__(self, low: Any, high: Any, gate: float = 1.0) -> None:
+        if not gate > 0:
+            raise ValueError(f"gate must be positive, got {gate}")
+        self.low, self.high, self.gate = low, high, float(gate)
+
+    @property
+    def jvp_calls(self) -> int:
+        return self.low.jvp_calls + self.high.jvp_calls
+
+    def reset(self) -> None:
+        self.low.reset()
+        self.high.reset()
+
+    def observe(self, y: Tensor, x0: Tensor, rho: float) -> None:
+        self.low.observe(y, x0, rho)
+        self.high.observe(y, x0, rho)
+
+    def estimate(self, ctx: Any, eps: Tensor, rho: float, project: Tensor | None) -> LowRankSym | None:
+        return (self.low if rho < self.gate else self.high).estimate(ctx, eps, rho, project)

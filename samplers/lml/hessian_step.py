@@ -233,7 +233,10 @@ class HessianStepCorrection:
             raise ValueError(f"only must be None, 'first' or 'last', got {only!r}")
         if isinstance(source, str):
             self.curvature, self.damping_policy, self.options = _build(source, rank, damping, adaptive, options)
-        else:
+        else:  # a curvature source object (e.g. GatedSource, DataCovarianceSource)
+            if isinstance(damping, int | float):
+                lam_opts = {k: options.pop(k) for k in _DAMPING_KEYS if k in options}
+                damping = GainRatioDamping(float(damping), **lam_opts) if adaptive else FixedDamping(float(damping))
             self.curvature, self.damping_policy = source, damping
             self.options = HessianStepOptions(**options)
         self.source = source if isinstance(source, str) else type(source).__name__
