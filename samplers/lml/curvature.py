@@ -10,6 +10,8 @@ evaluations, from the states a solver visits (:class:`SecantCurvature`). The cur
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,7 +22,7 @@ from .lowrank import LowRankSym, flat, lanczos, nystrom, random_probes
 __all__ = [
     "denoiser_jvp", "jvp_curvature", "exact_curvature", "hessian_from_curvature", "SecantCurvature",
     "transport", "secant_to_level", "floor_value", "JVPSource", "SecantSource", "DataCovarianceSource",
-    "GatedSource",
+    "GatedSource", "StatsSource", "estimate_model_stats",
 ]
 
 def denoiser_jvp(denoiser: Any, x: Tensor, t: Tensor | float, v: Tensor) -> Tensor:
@@ -367,3 +369,91 @@ class GatedSource:
 
     def estimate(self, ctx: Any, eps: Tensor, rho: float, project: Tensor | None) -> LowRankSym | None:
         return (self.low if rho < self.gate else self.high).estimate(ctx, eps, rho, project)
+
+
+class StatsSource:
+    """Zero-NFE curvature from per-noise-level statistics of one model (DPM-Solver-v3's idea of empirical
+    model statistics): at each stored level ``rho_k`` a low-rank-plus-identity estimate of the mean
+    ``E[A(x_t)]`` over data (:func:`estimate_model_stats`); at sampling time the nearest level's estimate is
+    transported to ``rho`` as a Gaussian would (:func:`transport`). Stats belong to a model: load them from
+    ``lml_stats.safetensors`` next to it (:meth:`load`)."""
+
+    jvp_calls = 0
+
+    def __init__(self, rhos: Tensor, U: Tensor, s: Tensor, s0: Tensor) -> None:
+        if not (U.ndim == 3 and s.shape == U.shape[::2] and s0.shape == rhos.shape == U.shape[:1]):
+            raise ValueError(f"stats shapes do not fit: rhos {tuple(rhos.shape)}, U {tuple(U.shape)}, "
+                             f"s {tuple(s.shape)}, s0 {tuple(s0.shape)}")
+        self.rhos, self.U, self.s, self.s0 = (t.to(torch.float64) for t in (rhos, U, s, s0))
+
+    def reset(self) -> None:
+        pass
+
+    def observe(self, y: Tensor, x0: Tensor, rho: float) -> None:
+        pass
+
+    def estimate(self, ctx: Any, eps: Tensor, rho: float, project: Tensor | None) -> LowRankSym | None:
+        k = int(torch.argmin((self.rhos.log() - math.log(rho)).abs()))
+        B = eps.shape[0]
+        A = LowRankSym(self.U[k].expand(B, -1, -1), self.s[k].expand(B, -1), self.s0[k].expand(B))
+        A = transport(A, float(self.rhos[k]), rho)
+        if project is None:
+            return A
+        n = project.to(A.U.dtype)
+        U = A.U - n[:, :, None] * (n[:, :, None] * A.U).sum(1, keepdim=True)
+        return LowRankSym(torch.linalg.qr(U)[0], A.s, A.s0)
+
+    def save(self, path: str | Any) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"rhos": self.rhos, "U": self.U.contiguous(), "s": self.s, "s0": self.s0}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Any) -> StatsSource:
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        return cls(t["rhos"], t["U"], t["s"], t["s0"])
+
+
+def estimate_model_stats(denoiser: Any, data: Tensor, rhos: Sequence[float], rank: int = 8, *, oversample: int = 4,
+                         iterations: int = 1, generator: torch.Generator | None = None) -> StatsSource:
+    """Per-level statistics for :class:`StatsSource`: at each ``rho`` in ``rhos``, ``x_t = alpha x0 +
+    sigma eps`` for the data batch, and randomised subspace iteration on the data-averaged
+    ``E[A(x_t)] = E[alpha d x0_hat / d x_t]`` with ``rank + oversample`` probes (``(iterations + 1) x
+    (rank + oversample)`` batched JVPs per level); ``s0`` is the mean remaining eigenvalue from a
+    Hutchinson trace of the same average."""
+    sched = denoiser.schedule
+    X = data.to(torch.float64)
+    d = flat(X).shape[1]
+    m = rank + oversample
+    Us, ss, s0s = [], [], []
+    for rho in rhos:
+        t = sched.t_from_lambda(torch.tensor(-math.log(rho), dtype=torch.float64))
+        a, s = (float(v) for v in sched.alpha_sigma(t.reshape(1)))
+        eps = torch.randn(X.shape, generator=generator, dtype=torch.float64)
+        xt = (a * X + s * eps).to(data.dtype)
+
+        def mean_A(V: Tensor, xt: Tensor = xt, t: Tensor = t, a: float = a) -> Tensor:  # [d, m] -> [d, m]
+            cols = []
+            for j in range(V.shape[1]):
+                v = V[:, j].reshape(1, *data.shape[1:]).expand_as(xt).to(data.dtype)
+                cols.append(a * flat(denoiser_jvp(denoiser, xt, t, v)).to(torch.float64).mean(0))
+            return torch.stack(cols, 1)
+
+        Q = torch.linalg.qr(torch.randn(d, m, generator=generator, dtype=torch.float64))[0]
+        for _ in range(iterations):
+            Q = torch.linalg.qr(mean_A(Q))[0]
+        AQ = mean_A(Q)
+        Tm = Q.T @ AQ
+        w, Z = torch.linalg.eigh(0.5 * (Tm + Tm.T))
+        idx = torch.argsort(w, descending=True)[:rank]
+        U, sv = Q @ Z[:, idx], w[idx].clamp(0.0, 1.0)
+        probe = torch.randn(d, 4, generator=generator, dtype=torch.float64)
+        trace = float((probe * mean_A(probe)).sum(0).mean())
+        s0 = min(max((trace - float(sv.sum())) / max(d - rank, 1), 0.0), 1.0)
+        Us.append(U)
+        ss.append(sv)
+        s0s.append(s0)
+    return StatsSource(torch.tensor(list(rhos), dtype=torch.float64), torch.stack(Us), torch.stack(ss),
+                       torch.tensor(s0s, dtype=torch.float64))
