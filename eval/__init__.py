@@ -1,24 +1,15 @@
-"""Evaluation: image metrics (PSNR, SSIM, LPIPS, FID, KID), image I/O and datasets.
+"""Evaluation: image metrics (PSNR, SSIM, LPIPS, FID, KID), their image preprocessing and datasets.
 
 Layers: :mod:`hessdiff.eval.metrics` (the metrics, library code), :mod:`hessdiff.eval.images` and
 :mod:`hessdiff.eval.data` (the metrics' image preprocessing and image-folder datasets), and
 :mod:`hessdiff.eval.sweep` (the benchmark-sweep machinery on top of them, not imported here).
+Image files and the float / uint8 convention are :mod:`hessdiff.utils.images`.
 
 Heavy libraries (lpips, clean-fid, torchvision, PIL) are imported only when used.
 """
 
 from hessdiff.eval.data import ImageFolderDataset, ImageItem, list_image_files
-from hessdiff.eval.images import (
-    RESIZE_MODES,
-    as_float_image,
-    as_uint8_image,
-    from_uint8,
-    load_image,
-    resize_image,
-    save_image,
-    to_uint8,
-    to_unit,
-)
+from hessdiff.eval.images import RESIZE_MODES, as_float_image, as_uint8_image, resize_image, to_unit
 from hessdiff.eval.metrics import (
     LPIPS,
     METRICS,
@@ -72,17 +63,13 @@ __all__ = [
     "default_cache_dir",
     "fid_from_stats",
     "folder_feature_stats",
-    "from_uint8",
     "frechet_distance",
     "inception_weights_path",
     "kernel_inception_distance",
     "list_image_files",
-    "load_image",
     "lpips_backbone_path",
     "psnr",
     "resize_image",
-    "save_image",
     "ssim",
-    "to_uint8",
     "to_unit",
 ]

@@ -39,7 +39,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from hessdiff.eval.images import IMAGE_EXTENSIONS, RESIZE_MODES, from_uint8, load_image, resize_image
+from hessdiff.eval.images import IMAGE_EXTENSIONS, RESIZE_MODES, resize_image
+from hessdiff.utils.images import from_uint8, load_image, to_uint8
 
 __all__ = ["ImageFolderDataset", "ImageItem", "list_image_files"]
 
@@ -205,7 +206,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return path.as_posix()
 
     def load_uint8(self, i: int) -> torch.Tensor:
-        """Item ``i``'s image as uint8 ``[3, H, W]`` after resizing (no float round trip).
+        """Item ``i``'s image as uint8 ``[3, H, W]`` after resizing.
+
+        The file is read with :func:`hessdiff.utils.images.load_image` (as RGB, EXIF orientation
+        applied; 16-bit images scaled by 65535) and quantised with ``to_uint8``, which gives an
+        8-bit file's pixels exactly; resizing works on that uint8 image.
 
         Raises:
             OSError: the file could not be decoded (its name is in the message); screening with
@@ -217,14 +222,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for a dataset of {len(self.files)} images")
         path = self.files[i]
         try:
-            if self.resolution is None:
-                return load_image(path)
-            with Image.open(path) as img:
-                img = resize_image(img.convert("RGB"), self.resolution, self.resize)
-                arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-        except OSError as err:
+            u = to_uint8(load_image(path, channels=3))[0]
+        except (OSError, ValueError) as err:
             raise OSError(f"could not decode image {path}: {err} (use check='decode' to skip such files)") from err
-        return arr.permute(2, 0, 1).contiguous()
+        if self.resolution is None:
+            return u
+        img = resize_image(Image.fromarray(u.permute(1, 2, 0).numpy()), self.resolution, self.resize)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, i: int) -> ImageItem:
         return ImageItem(from_uint8(self.load_uint8(i)), i, self.base_seed + i, self.relative_name(i))

@@ -1,4 +1,4 @@
-"""The one preprocessing path of hessdiff's metrics, plus image I/O and resizing.
+"""The one preprocessing path of hessdiff's metrics, and resizing.
 
 Input contract
 --------------
@@ -9,12 +9,13 @@ Images are batches ``[B, 3, H, W]`` (or single images ``[3, H, W]``) in one of t
   NaN or infinite values are an error;
 * **uint8** tensors with values ``0..255``.
 
-Conversions (the only ones the metrics use):
+Conversions (the only ones the metrics use; the first two are the image convention of
+:mod:`hessdiff.utils.images`, which also reads and writes image files):
 
-* :func:`to_uint8` ``(x) = round(clamp((x + 1) / 2, 0, 1) * 255)`` computed in at least
-  float32; ``round`` is :func:`torch.round` (half to even);
-* :func:`from_uint8` ``(u) = u / 127.5 - 1`` as float32; ``to_uint8(from_uint8(u)) == u`` exactly
-  for every ``u`` in ``0..255``;
+* :func:`~hessdiff.utils.images.to_uint8` ``(x) = round(clamp((x + 1) / 2, 0, 1) * 255)``
+  computed in at least float32; ``round`` is :func:`torch.round` (half to even);
+* :func:`~hessdiff.utils.images.from_uint8` ``(u) = u / 127.5 - 1`` as float32;
+  ``to_uint8(from_uint8(u)) == u`` exactly for every ``u`` in ``0..255``;
 * :func:`to_unit` ``(x) = (clamp(x, -1, 1) + 1) / 2`` in float64: the ``[0, 1]`` images on
   which PSNR and SSIM are computed (``data_range = 1``).
 
@@ -27,13 +28,11 @@ Resizing (:func:`resize_image`) works on PIL images; the named modes are listed 
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
+
+from hessdiff.utils.images import _check_finite_float, from_uint8, to_uint8
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -44,11 +43,7 @@ __all__ = [
     "as_float_image",
     "as_uint8_image",
     "check_image_batch",
-    "from_uint8",
-    "load_image",
     "resize_image",
-    "save_image",
-    "to_uint8",
     "to_unit",
 ]
 
@@ -67,13 +62,6 @@ RESIZE_MODES = {
     "none": "no resizing; the image must already have the target size",
 }
 """Named resize modes of :func:`resize_image` with what each does."""
-
-
-def _check_finite_float(x: torch.Tensor, what: str) -> None:
-    if not torch.is_floating_point(x):
-        raise TypeError(f"{what}: expected a float tensor in [-1, 1] or a uint8 tensor, got dtype {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{what}: image contains NaN or infinite values")
 
 
 def check_image_batch(x: torch.Tensor, what: str = "images") -> torch.Tensor:
@@ -96,27 +84,6 @@ def check_image_batch(x: torch.Tensor, what: str = "images") -> torch.Tensor:
     if x.dtype != torch.uint8 and not torch.is_floating_point(x):
         raise TypeError(f"{what}: expected a float tensor in [-1, 1] or a uint8 tensor, got dtype {x.dtype}")
     return x
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Map a float image in ``[-1, 1]`` to uint8: ``round(clamp((x + 1) / 2, 0, 1) * 255)``.
-
-    Computed in float32 (float64 inputs stay float64); any shape is accepted.
-
-    Raises:
-        TypeError: ``x`` is not a float tensor.
-        ValueError: ``x`` contains NaN or infinite values.
-    """
-    _check_finite_float(x, "to_uint8")
-    work = x.to(torch.promote_types(x.dtype, torch.float32))
-    return torch.round(((work + 1) / 2).clamp(0, 1) * 255).to(torch.uint8)
-
-
-def from_uint8(u: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Map a uint8 image to floats in ``[-1, 1]``: ``u / 127.5 - 1``."""
-    if u.dtype != torch.uint8:
-        raise TypeError(f"from_uint8: expected a uint8 tensor, got dtype {u.dtype}")
-    return u.to(dtype) / 127.5 - 1
 
 
 def as_uint8_image(x: torch.Tensor) -> torch.Tensor:
@@ -204,42 +171,3 @@ def resize_image(
     img = img.resize((nw, nh), resample=Image.BICUBIC)
     left, top = (nw - w_t) // 2, (nh - h_t) // 2
     return img.crop((left, top, left + w_t, top + h_t))
-
-
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """Read an image file as a uint8 tensor ``[3, H, W]`` (converted to RGB by PIL).
-
-    Grayscale, palette, CMYK and RGBA images are converted with ``Image.convert("RGB")``
-    (alpha is dropped).
-    """
-    from PIL import Image
-
-    with Image.open(path) as img:
-        arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
-def save_image(x: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Write one image ``[3, H, W]`` (float in ``[-1, 1]`` or uint8) to ``path`` (format from suffix).
-
-    Floats go through :func:`to_uint8`. The file is written to a temporary name in the same
-    folder and renamed into place, so a crash never leaves a half-written image. Returns the path.
-    """
-    from PIL import Image
-
-    if x.ndim != 3:
-        raise ValueError(f"save_image: expected one image [3, H, W], got shape {tuple(x.shape)}")
-    u = as_uint8_image(x)[0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = u.permute(1, 2, 0).cpu().numpy()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(arr).save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path

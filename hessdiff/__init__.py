@@ -15,7 +15,7 @@ The public API (imported lazily, so ``import hessdiff`` is cheap):
   :class:`LMLFlowMatchEulerDiscreteScheduler`, :class:`PosteriorSamplingPipeline`;
 * models and oracles: :func:`load_model`, :func:`model_from_pipeline`, :func:`embedded_model_path`,
   :class:`GaussianMixture`, :class:`GMMDenoiser`;
-* tasks: :func:`make_task`, :data:`TASKS`, :func:`load_image`.
+* tasks: :func:`make_task`, :data:`TASKS`; image files: :func:`load_image`.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ _EXPORTS: dict[str, str] = {
     "grid_gmm_prior": "hessdiff.samplers.oracles.gmm",
     "make_task": "hessdiff.tasks",
     "TASKS": "hessdiff.tasks",
-    "load_image": "hessdiff.tasks",
+    "load_image": "hessdiff.utils.images",
 }
 
 __all__ = ["__version__", *_EXPORTS]

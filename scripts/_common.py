@@ -5,7 +5,7 @@
   folder or a Hugging Face hub id; :func:`model_from_pipeline` wraps an in-memory diffusers pipeline;
   :func:`text_conditioning` encodes a prompt for text-conditional UNets (Stable Diffusion);
 * output folders that are checked *before* any work and written all-or-nothing (:class:`OutputDir`,
-  on top of :func:`hessdiff.tasks.io.atomic_write_many`);
+  on top of :func:`hessdiff.utils.files.atomic_write_many`);
 * pictures: :func:`to_rgb_uint8`, :func:`upscale_nearest`, :func:`image_grid`, :func:`labelled_row`;
 * :class:`StepProgress`, a tqdm bar driven by a sampler's ``callback``.
 
@@ -93,28 +93,14 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def parse_seeds(text: str, *, limit: int = 100_000) -> list[int]:
-    """``"0-15"``, ``"3"``, ``"0,4,7-9"`` -> the list of seeds (ranges inclusive, order kept, no repeats)."""
-    seeds: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            raise CLIError(f"--seeds {text!r}: empty entry (use e.g. 0-15 or 0,3,5-7)")
-        lo_s, sep, hi_s = part.partition("-")
-        try:
-            lo = int(lo_s)
-            hi = int(hi_s) if sep else lo
-        except ValueError:
-            raise CLIError(f"--seeds {text!r}: {part!r} is not a seed or a range A-B of non-negative "
-                           "integers") from None
-        if lo < 0 or hi < lo:
-            raise CLIError(f"--seeds {text!r}: the range {part!r} is empty or negative")
-        if hi - lo + 1 + len(seeds) > limit:
-            raise CLIError(f"--seeds {text!r}: more than {limit} seeds")
-        seeds.extend(range(lo, hi + 1))
-    dup = sorted({s for s in seeds if seeds.count(s) > 1})
-    if dup:
-        raise CLIError(f"--seeds {text!r}: seed(s) {dup} given more than once")
-    return seeds
+    """``--seeds``: ``"0-15"``, ``"3"``, ``"0,4,7-9"`` -> the list of seeds (ranges inclusive, order kept, no
+    repeats, at most ``limit``), parsed by :func:`hessdiff.utils.seeds.parse_seeds`; errors are :class:`CLIError`."""
+    from hessdiff.utils.seeds import parse_seeds as _parse_seeds
+
+    try:
+        return _parse_seeds(str(text), limit=limit)
+    except ValueError as exc:
+        raise CLIError(f"--seeds {text!r}: {exc}") from None
 
 
 def parse_key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
@@ -280,7 +266,8 @@ class OutputDir:
     :meth:`prepare` refuses an ``--out`` that is a file, target files that already exist (unless
     ``overwrite``), and a folder that cannot be created or written (it creates the missing folders and
     writes and removes a probe file). :meth:`write` writes every file to a temporary name and renames
-    them into place only when all succeeded (:func:`hessdiff.tasks.io.atomic_write_many`).
+    them into place only when all succeeded (:func:`hessdiff.utils.files.atomic_write_many`; the files get
+    the permissions of newly created files).
     :meth:`discard` removes the folders :meth:`prepare` created if they are still empty, so a failed
     run leaves nothing behind.
     """
@@ -333,12 +320,12 @@ class OutputDir:
 
     def write(self, writers: dict[str, Callable[[Path], None]]) -> list[Path]:
         """Write ``{name: write(tmp_path)}`` into the folder atomically; returns the paths written."""
-        from hessdiff.tasks.io import atomic_write_many
+        from hessdiff.utils.files import atomic_write_many
 
         unknown = [n for n in writers if n not in self.names]
         if unknown:
             raise ValueError(f"OutputDir.write: {unknown} were not declared to prepare()")
-        targets = {self.target(n): _readable(w) for n, w in writers.items()}
+        targets = {self.target(n): w for n, w in writers.items()}
         try:
             atomic_write_many(targets, overwrite=self.overwrite)
         except FileExistsError as exc:
@@ -353,19 +340,6 @@ class OutputDir:
             except OSError:
                 break
         self.created = []
-
-
-def _readable(write: Callable[[Path], None]) -> Callable[[Path], None]:
-    """Wrap a writer so that its file gets the permissions of a newly created file (``0o666 & ~umask``)
-    instead of the ``0o600`` of the temporary file it is written to."""
-
-    def wrapped(tmp: Path) -> None:
-        write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-
-    return wrapped
 
 
 def png_writer(picture: np.ndarray) -> Callable[[Path], None]:
@@ -383,9 +357,9 @@ def png_writer(picture: np.ndarray) -> Callable[[Path], None]:
 def to_rgb_uint8(x: Tensor) -> np.ndarray:
     """One image ``[1, C, H, W]`` / ``[C, H, W]`` in [-1, 1] (C = 1 or 3) -> uint8 ``[H, W, 3]``,
     with the fixed mapping ``round((clamp(x, -1, 1) + 1) * 127.5)`` (never a per-image min-max)."""
-    from hessdiff.tasks.io import image_to_uint8
+    from hessdiff.utils.images import to_uint8_array
 
-    arr = image_to_uint8(x.detach().float().cpu())
+    arr = to_uint8_array(x.detach().float().cpu())
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     return np.ascontiguousarray(arr)

@@ -173,13 +173,11 @@ def replace_section(text: str, section: str, begin: str = MARK_BEGIN, end: str =
 
 def write_benchmarks(path: str | os.PathLike[str], section: str, begin: str = MARK_BEGIN, end: str = MARK_END) -> None:
     """Update the marked section of a Markdown file atomically (the rest is kept byte for byte)."""
+    from hessdiff.utils.files import atomic_write
+
     p = Path(path)
     text = p.read_text(encoding="utf-8") if p.exists() else "# Benchmarks\n\n"
-    new = replace_section(text, section, begin, end)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, p)
+    atomic_write(p, replace_section(text, section, begin, end), overwrite=True, mkdir=True)
 
 
 def render_section(tables: str, command: str, machine: str, settings: dict[str, Any], wall_s: float,

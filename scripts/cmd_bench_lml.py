@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import shlex
 import time
 from pathlib import Path
@@ -295,11 +294,6 @@ def _run_render(args: argparse.Namespace) -> int:
 
 
 def _write_section(path: str, body: str) -> None:
-    from hessdiff.scripts.cmd_bench import replace_section
+    from hessdiff.scripts.cmd_bench import write_benchmarks
 
-    p = Path(path)
-    old = p.read_text(encoding="utf-8") if p.exists() else "# Benchmarks\n\n"
-    new = replace_section(old, body, MARK_BEGIN, MARK_END)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, p)
+    write_benchmarks(path, body, MARK_BEGIN, MARK_END)

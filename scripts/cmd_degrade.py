@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hessdiff.tasks import load_preset, make_task
-    from hessdiff.tasks.io import atomic_write_many, image_to_uint8, load_image
+    from hessdiff.utils.files import atomic_write_many
+    from hessdiff.utils.images import load_image, to_uint8_array
 
     if args.list:
         print(_listing())
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a folder")
 
-    from hessdiff.scripts._common import parse_key_values
+    from hessdiff.scripts._common import parse_key_values, png_writer
 
     params = parse_key_values(args.param, "--param")
     try:
@@ -103,22 +104,17 @@ def run(args: argparse.Namespace) -> int:
     y = m.y
     if y.ndim != 4 or y.shape[1] not in (1, 3):
         raise CLIError(f"the measurement of task {task.name!r} has shape {list(y.shape)}, not an image")
-    picture = image_to_uint8(y)
+    picture = to_uint8_array(y)
     data = m.to_dict()
     data["image"] = str(args.image)
 
     def write_pt(tmp: Path) -> None:
         torch.save(data, tmp)
 
-    def write_png(tmp: Path) -> None:
-        from PIL import Image
-
-        Image.fromarray(picture).save(tmp, format="PNG")
-
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        atomic_write_many({targets[0]: write_pt, targets[1]: write_png}, overwrite=args.overwrite)
+        atomic_write_many({targets[0]: write_pt, targets[1]: png_writer(picture)}, overwrite=args.overwrite)
     except FileExistsError as exc:
         raise CLIError(str(exc)) from exc
     except BaseException:

@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         from pathlib import Path
 
-        from hessdiff.eval.sweep.store import atomic_write_json
+        from hessdiff.eval.sweep.store import write_json
 
-        atomic_write_json(Path(args.json_out), res, indent=2)
+        write_json(Path(args.json_out), res, indent=2)
         print(f"written {args.json_out}", file=sys.stderr)
     return 0

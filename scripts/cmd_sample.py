@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         set_threads,
         to_rgb_uint8,
     )
-    from hessdiff.tasks.io import image_to_uint8
+    from hessdiff.utils.images import to_uint8_array
 
     t_start = time.perf_counter()
     say = (lambda *a: None) if args.quiet else print
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"sampling failed with the network in {args.dtype} on {device.type}: {exc} "
                            "(try --dtype float32)") from exc
         pictures = [to_rgb_uint8(img) for img in images]
-        writers = {seed_filename(s): png_writer(image_to_uint8(img)) for s, img in zip(seeds, images, strict=True)}
+        writers = {seed_filename(s): png_writer(to_uint8_array(img)) for s, img in zip(seeds, images, strict=True)}
         writers["grid.png"] = png_writer(image_grid(pictures))
         written = out.write(writers)
     except BaseException:

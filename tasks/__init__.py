@@ -11,11 +11,11 @@
   :func:`load_measurement` for exact reproduction.
 * deepinv interoperability (:mod:`.deepinv_adapter`): :func:`from_deepinv`, :func:`to_deepinv`.
 
-Images are ``[B, C, H, W]`` float tensors in ``[-1, 1]``.
+Images are ``[B, C, H, W]`` float tensors in ``[-1, 1]``; image files are read and written with
+:mod:`hessdiff.utils.images`.
 """
 
 from .deepinv_adapter import DeepinvOperator, as_operator, from_deepinv, to_deepinv
-from .io import load_image, save_image
 from .kernels import gaussian_kernel, load_kernel, motion_blur_kernel
 from .masks import box_mask, freeform_mask, png_mask, random_mask
 from .noise import GaussianNoise, NoiseModel, NoNoise, PoissonNoise, from_scale
@@ -79,6 +79,4 @@ __all__ = [
     "from_deepinv",
     "to_deepinv",
     "as_operator",
-    "load_image",
-    "save_image",
 ]

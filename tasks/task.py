@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hessdiff.utils.files import atomic_write
+
 from . import _random as rnd
-from .io import atomic_write
 from .kernels import gaussian_kernel, load_kernel, motion_blur_kernel
 from .masks import box_mask, freeform_mask, png_mask, random_mask
 from .noise import GaussianNoise, NoiseModel, NoNoise, PoissonNoise, from_scale, noise_from_config

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 
 from hessdiff.eval.images import as_uint8_image
 from hessdiff.eval.metrics.weights import default_cache_dir, ensure_weights_file
+from hessdiff.utils.files import atomic_write
 
 __all__ = [
     "INCEPTION_FILENAME",
@@ -65,7 +65,9 @@ INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrain
 
 STATS_FORMAT = "hessdiff-feature-stats-v1"
 PREPROCESSING = "hessdiff.eval.images.to_uint8/v1"
-"""Identifies the preprocessing path in cache keys; change it if the path ever changes."""
+"""Identifies the preprocessing path in cache keys; change it if the path ever changes. (The quantisation is
+now :func:`hessdiff.utils.images.to_uint8`, unchanged; the tag keeps its old module name so that existing
+caches stay valid.)"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +180,7 @@ class FeatureStats:
     # ---- persistence -------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike, meta: dict | None = None) -> Path:
-        """Write the statistics to an ``.npz`` file atomically (temporary file, then rename).
+        """Write the statistics to an ``.npz`` file atomically (:func:`hessdiff.utils.files.atomic_write`).
 
         Stored arrays: ``n``, ``mean``, ``m2`` (scatter matrix), ``mu`` and ``sigma`` (as in
         clean-fid's files), ``features`` when kept, and ``meta`` (a JSON string).
@@ -198,16 +200,11 @@ class FeatureStats:
         }
         if self.keep_features:
             arrays["features"] = self.features.numpy()
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        return path
+
+        return atomic_write(path, write, overwrite=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -61,17 +60,15 @@ def default_cache_dir(sub: str = "") -> Path:
 
 
 def _download(url: str, dest: Path, timeout: float) -> None:
-    """Download ``url`` to ``dest`` through a temporary file in the same folder (atomic rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+    """Download ``url`` to ``dest`` through a temporary file in the same folder (atomic rename,
+    :func:`hessdiff.utils.files.atomic_write`)."""
+    from hessdiff.utils.files import atomic_write
+
+    def fetch(tmp: Path) -> None:
+        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
             shutil.copyfileobj(response, f)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(dest, fetch, overwrite=True, mkdir=True)
 
 
 def ensure_weights_file(

@@ -62,7 +62,6 @@ are resolved relative to the configuration file; the data folder's *path* is not
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -72,6 +71,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hessdiff.utils.seeds import format_seeds
+from hessdiff.utils.seeds import parse_seeds as _parse_seeds
+from hessdiff.utils.suggest import did_you_mean
 
 __all__ = [
     "SweepConfigError",
@@ -84,7 +87,6 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_seeds",
-    "format_seeds",
     "canonical_json",
     "config_hash",
     "EMBEDDED_DATA",
@@ -123,9 +125,7 @@ class SweepConfigError(ValueError):
 
 
 def _unknown(where: str, key: str, known: Sequence[str]) -> SweepConfigError:
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return SweepConfigError(f"{where}: unknown key {key!r} (known: {', '.join(known)}){hint}")
+    return SweepConfigError(f"{where}: unknown key {key!r} (known: {', '.join(known)}){did_you_mean(key, known)}")
 
 
 def _check_keys(where: str, table: Any, known: Sequence[str]) -> dict[str, Any]:
@@ -209,51 +209,12 @@ def config_hash(obj: Any, length: int = 16) -> str:
 
 
 def parse_seeds(value: Any, where: str = "seeds") -> tuple[int, ...]:
-    """Seeds from an int, a list of ints, or a string like ``"0-3,7"`` (inclusive ranges).
-
-    Returns the seeds in increasing order. Negative seeds, duplicates and empty sets are errors.
-    """
-    seeds: list[int] = []
-    if _is_int(value):
-        seeds = [value]
-    elif isinstance(value, list | tuple):
-        for v in value:
-            if not _is_int(v):
-                raise SweepConfigError(f"{where}: seeds must be integers, got {v!r}")
-            seeds.append(int(v))
-    elif isinstance(value, str):
-        for part in value.replace(" ", "").split(","):
-            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-            if not m:
-                raise SweepConfigError(f"{where}: cannot read seeds {value!r}; write e.g. \"0-99\" or \"0-3,7\"")
-            a, b = int(m.group(1)), int(m.group(2) or m.group(1))
-            if b < a:
-                raise SweepConfigError(f"{where}: seed range {part!r} is empty (end < start)")
-            seeds.extend(range(a, b + 1))
-    else:
-        raise SweepConfigError(f"{where}: seeds must be an int, a list of ints or a string like \"0-99\"")
-    if not seeds:
-        raise SweepConfigError(f"{where}: no seeds given")
-    if any(s < 0 or s >= 2**63 for s in seeds):
-        raise SweepConfigError(f"{where}: seeds must lie in [0, 2^63), got {min(seeds)}..{max(seeds)}")
-    if len(set(seeds)) != len(seeds):
-        dup = sorted({s for s in seeds if seeds.count(s) > 1})[:5]
-        raise SweepConfigError(f"{where}: duplicate seed(s) {dup}")
-    return tuple(sorted(seeds))
-
-
-def format_seeds(seeds: Sequence[int]) -> str:
-    """Compact canonical form of a sorted seed list, e.g. ``"0-3,7"``."""
-    parts: list[str] = []
-    s = sorted(seeds)
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[j] + 1:
-            j += 1
-        parts.append(str(s[i]) if i == j else f"{s[i]}-{s[j]}")
-        i = j + 1
-    return ",".join(parts)
+    """A sweep's seeds (:func:`hessdiff.utils.seeds.parse_seeds`: an int, a list of ints, or a string like
+    ``"0-3,7"``) in increasing order, each in ``[0, 2^63)``; errors are :class:`SweepConfigError` naming ``where``."""
+    try:
+        return tuple(sorted(_parse_seeds(value, bound=2**63)))
+    except ValueError as exc:
+        raise SweepConfigError(f"{where}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,9 +503,8 @@ def _parse_tasks(name: str, raw: Any) -> tuple[TaskEntry, ...]:
                 task = p.task(tname, **params)
             else:
                 if tname not in TASKS:
-                    close = difflib.get_close_matches(tname, list(TASKS), n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else ""
-                    raise SweepConfigError(f"{where}: unknown task {tname!r} (known: {', '.join(TASKS)}){hint}")
+                    raise SweepConfigError(f"{where}: unknown task {tname!r} (known: {', '.join(TASKS)})"
+                                           f"{did_you_mean(tname, TASKS)}")
                 task_name = tname
                 task = make_task(tname, **params)
         except SweepConfigError:
@@ -580,9 +540,8 @@ def _parse_methods(name: str, raw: Any, methods: Mapping[str, Any],
             raise SweepConfigError(f"{where}: missing key 'name' (one of {', '.join(sorted(methods))})")
         mname = _str(where, "name", t["name"])
         if mname not in methods:
-            close = difflib.get_close_matches(mname, list(methods), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise SweepConfigError(f"{where}: unknown method {mname!r} (known: {', '.join(sorted(methods))}){hint}")
+            raise SweepConfigError(f"{where}: unknown method {mname!r} (known: {', '.join(sorted(methods))})"
+                                   f"{did_you_mean(mname, methods)}")
         spec = methods[mname]
         where = f"{where} ({mname!r})"
         if spec.uses_steps:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from hessdiff.eval.sweep.images import _image_id, _ImageSet
+from hessdiff.utils.images import load_image, to_uint8
 
 __all__ = ["EVAL_METRICS", "evaluate_folders"]
 
@@ -86,9 +87,7 @@ def evaluate_folders(
     def load(s: _ImageSet, i: int) -> torch.Tensor:
         if res is not None:
             return s.load(i, res)
-        from hessdiff.eval.images import load_image
-
-        return load_image(s._abs[i])
+        return to_uint8(load_image(s._abs[i], channels=3))[0]
 
     paired_names = [n if n != "lpips" else f"lpips_{lpips_net}" for n in metrics if n in ("psnr", "ssim", "lpips")]
     if paired_names:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from hessdiff.eval.sweep.config import canonical_json
+from hessdiff.utils.images import from_uint8, to_uint8
 
 
 def _image_id(name: str) -> str:
@@ -56,7 +57,6 @@ class _ImageSet:
                                                                                 strict=True)]).encode()).hexdigest()
             self._check, self._recursive = check, recursive
         else:
-            from hessdiff.eval.images import to_uint8
             from hessdiff.samplers.models import embedded_dataset
 
             x = embedded_dataset("test")
@@ -103,8 +103,6 @@ class _ImageSet:
 
 def _to_model_space(u: torch.Tensor, channels: int) -> torch.Tensor:
     """uint8 ``[B, 3, H, W]`` -> float32 ``[B, channels, H, W]`` in [-1, 1] (grey = channel mean)."""
-    from hessdiff.eval.images import from_uint8
-
     x = from_uint8(u)
     if channels == 1:
         return x.mean(dim=1, keepdim=True)
@@ -115,8 +113,6 @@ def _to_model_space(u: torch.Tensor, channels: int) -> torch.Tensor:
 
 def _to_metric_space(x: torch.Tensor) -> torch.Tensor:
     """float ``[B, C, H, W]`` (C = 1 or 3) in [-1, 1] -> uint8 ``[B, 3, H, W]`` (what is saved as PNG)."""
-    from hessdiff.eval.images import to_uint8
-
     if not bool(torch.isfinite(x).all()):
         raise ValueError("the method returned NaN or infinite pixel values")
     u = to_uint8(x.detach().cpu())
@@ -125,16 +121,6 @@ def _to_metric_space(x: torch.Tensor) -> torch.Tensor:
     if u.shape[1] != 3:
         raise ValueError(f"images must have 1 or 3 channels, got {u.shape[1]}")
     return u
-
-
-def _png_bytes(u: torch.Tensor, grey: bool) -> bytes:
-    from PIL import Image
-
-    arr = u.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[..., 0], mode="L") if grey else Image.fromarray(arr, mode="RGB")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:

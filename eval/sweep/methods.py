@@ -128,12 +128,10 @@ class MethodSpec:
         known = list(self.options)
         for key in given:
             if key not in self.options:
-                import difflib
+                from hessdiff.utils.suggest import did_you_mean
 
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"unknown option {key!r} for method {self.name!r} "
-                                 f"(known: {', '.join(known) if known else 'none'}){hint}")
+                                 f"(known: {', '.join(known) if known else 'none'}){did_you_mean(key, known)}")
         out: dict[str, Any] = {}
         for key, default in self.options.items():
             if key not in given:
@@ -325,7 +323,7 @@ def _adjoint(call: MethodCall) -> MethodResult:
 
 def _solver_method(solver: str, extra: dict[str, Any]) -> Callable[[MethodCall], MethodResult]:
     def run(call: MethodCall) -> MethodResult:
-        from hessdiff.samplers.denoiser import CountingDenoiser
+        from hessdiff.samplers.loop import CountingDenoiser
         from hessdiff.samplers.solvers import get_solver
 
         model = call.model
@@ -342,7 +340,7 @@ def _solver_method(solver: str, extra: dict[str, Any]) -> Callable[[MethodCall],
         with torch.no_grad():
             out = get_solver(solver)(den, x, grid, generator=call.generators, correction=correction, **opts)
             images = model.decode(out)
-        return MethodResult(images.float(), nfe=den.nfe, cost={k: v for k, v in den.extra.items()})
+        return MethodResult(images.float(), nfe=den.evaluations, cost={k: v for k, v in den.extra.items()})
 
     run.__name__ = f"sample_{solver}"
     return run
@@ -458,8 +456,8 @@ class DomainFeatures:
         self.classifier = load_classifier("hessdiff/mnist-classifier").to(device)
 
     def __call__(self, images: Tensor) -> Tensor:
-        from hessdiff.eval.images import from_uint8
         from hessdiff.samplers.models import domain_features
+        from hessdiff.utils.images import from_uint8
 
         return domain_features(from_uint8(images), self.classifier)
 

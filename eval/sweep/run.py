@@ -18,7 +18,6 @@ from hessdiff.eval.sweep.config import SweepConfig, SweepConfigError, TaskEntry,
 from hessdiff.eval.sweep.images import (
     _ImageSet,
     _npy_bytes,
-    _png_bytes,
     _to_metric_space,
     _to_model_space,
     sampler_seed,
@@ -31,15 +30,15 @@ from hessdiff.eval.sweep.store import (
     SWEEP_FILE,
     SweepError,
     SweepMismatchError,
-    _clean_temp_files,
     _FolderLock,
     _prepare_folder,
     _read_json,
-    atomic_write_bytes,
-    atomic_write_json,
+    write_json,
 )
 from hessdiff.eval.sweep.summary import _finalize
 from hessdiff.eval.sweep.work import NO_MODEL, _build_work, _Item, _item_done, _Unit
+from hessdiff.utils.files import atomic_write, remove_temp_files
+from hessdiff.utils.images import save_image
 
 __all__ = ["SweepReport", "run_sweep"]
 
@@ -203,10 +202,11 @@ class _Runner:
                 continue
             files: dict[str, str | None] = {"image": None, "features": None}
             if self.cfg.save_images:
-                atomic_write_bytes(self.out / f"{it.stem}.png", _png_bytes(fake_u8[j], grey=channels == 1))
+                save_image(fake_u8[j, :1] if channels == 1 else fake_u8[j], self.out / f"{it.stem}.png",
+                           overwrite=True, mkdir=True)
                 files["image"] = f"{it.stem}.png"
             if feats is not None:
-                atomic_write_bytes(self.out / f"{it.stem}.npy", _npy_bytes(feats[j]))
+                atomic_write(self.out / f"{it.stem}.npy", _npy_bytes(feats[j]), overwrite=True, mkdir=True)
                 files["features"] = f"{it.stem}.npy"
             metrics = {name: float(v[j]) for name, v in paired.items()}
             for name in missing:
@@ -239,7 +239,7 @@ class _Runner:
                     "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 },
             }
-            atomic_write_json(self.out / f"{it.stem}.json", rec)
+            write_json(self.out / f"{it.stem}.json", rec)
             written += 1
         return written
 
@@ -256,8 +256,8 @@ class _Runner:
         for j, it in enumerate(items):
             if it.index not in pending:
                 continue
-            atomic_write_bytes(self.out / f"{it.stem}.npy", _npy_bytes(feats[j]))
-            atomic_write_json(self.out / f"{it.stem}.json", {
+            atomic_write(self.out / f"{it.stem}.npy", _npy_bytes(feats[j]), overwrite=True, mkdir=True)
+            write_json(self.out / f"{it.stem}.json", {
                 "format": ITEM_FORMAT, "sweep_hash": self.sweep_hash, "key": it.key, "index": it.index,
                 "image": {"id": ref.ids[it.image], "file": ref.files[it.image]},
                 "features_name": getattr(ext, "name", None), "files": {"features": f"{it.stem}.npy"},
@@ -362,7 +362,7 @@ def run_sweep(
         # -- pending work (rank 0 scans, broadcasts) --
         plan = None
         if dist.main:
-            removed = _clean_temp_files(out)
+            removed = remove_temp_files(out)
             if removed:
                 say(f"removed {removed} temporary file(s) left by an interrupted run")
             pending_idx = [it.index for it in items if not _item_done(out, it, sweep_hash)]

@@ -1,19 +1,16 @@
-"""The sweep's output folder: atomic files, JSON records, the folder lock and ``sweep.json``.
+"""The sweep's output folder: JSON records, the folder lock and ``sweep.json``.
 
-Every file is written to a temporary file in the same folder, flushed with ``fsync`` and renamed into
-place (``os.replace``), and the folder is synced; leftover temporary files of a killed run are removed
-at the next start (:func:`_clean_temp_files`). The folder is locked (``fcntl.flock``) while a sweep
-runs in it.
+Every file is written atomically with :mod:`hessdiff.utils.files` (a synced temporary file in the same
+folder, renamed into place, the folder synced); leftover temporary files of a killed run are removed at
+the next start (:func:`hessdiff.utils.files.remove_temp_files`). The folder is locked (``fcntl.flock``)
+while a sweep runs in it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import re
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from hessdiff.utils.files import atomic_write, is_temp_file
+
 ITEM_FORMAT = "hessdiff.sweep.item/1"
 SWEEP_FILE = "sweep.json"
 LOCK_FILE = ".lock"
-_TMP_RE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 _RUN_KEY = "run"
 """Key of the run-dependent fields of an item record (timing, rank, device); everything else is a
 function of the configuration only."""
@@ -36,41 +34,6 @@ class SweepError(RuntimeError):
 
 class SweepMismatchError(SweepError):
     """The output folder holds results of a different sweep configuration."""
-
-
-# ----------------------------------------------------------------------------------------------
-# atomic files
-# ----------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a synced temporary file and ``os.replace`` (crash-safe)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
 
 
 def _json_value(v: Any) -> Any:
@@ -103,8 +66,9 @@ def _dumps(obj: Any, *, indent: int | None = None) -> str:
     return json.dumps(_json_value(obj), sort_keys=True, indent=indent, ensure_ascii=False, allow_nan=False)
 
 
-def atomic_write_json(path: Path, obj: Any, *, indent: int | None = None) -> None:
-    atomic_write_bytes(path, (_dumps(obj, indent=indent) + "\n").encode())
+def write_json(path: Path, obj: Any, *, indent: int | None = None) -> None:
+    """Write ``obj`` as JSON (non-finite floats as strings, sorted keys) atomically, replacing ``path``."""
+    atomic_write(path, _dumps(obj, indent=indent) + "\n", overwrite=True, mkdir=True)
 
 
 def _read_json(path: Path) -> Any | None:
@@ -156,17 +120,6 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
     return []
 
 
-def _clean_temp_files(out: Path) -> int:
-    n = 0
-    for root, _dirs, files in os.walk(out):
-        for name in files:
-            if _TMP_RE.match(name):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(root, name))
-                    n += 1
-    return n
-
-
 def _prepare_folder(out: Path, identity: dict[str, Any], sweep_hash: str, info: dict[str, Any],
                     resume: bool) -> str | None:
     """Rank 0: check / create ``sweep.json``. Returns an error message or None."""
@@ -185,10 +138,10 @@ def _prepare_folder(out: Path, identity: dict[str, Any], sweep_hash: str, info: 
             return (f"{out} already holds this sweep (hash {sweep_hash}); pass --resume (resume=True) to continue "
                     "it: finished items are kept and skipped")
         return None
-    others = [p.name for p in out.iterdir() if p.name != LOCK_FILE and not _TMP_RE.match(p.name)]
+    others = [p.name for p in out.iterdir() if p.name != LOCK_FILE and not is_temp_file(p.name)]
     if others:
         return (f"{out} is not empty and is not a sweep folder (found {', '.join(sorted(others)[:5])}); "
                 "use a new or empty --out folder")
-    atomic_write_json(meta_path, {"format": "hessdiff.sweep/1", "sweep_hash": sweep_hash, "identity": identity,
+    write_json(meta_path, {"format": "hessdiff.sweep/1", "sweep_hash": sweep_hash, "identity": identity,
                                   "info": info}, indent=2)
     return None

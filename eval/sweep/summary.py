@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hessdiff.eval.sweep.config import SweepConfig
-from hessdiff.eval.sweep.store import _RUN_KEY, _dumps, _number, _read_json, atomic_write_bytes, atomic_write_json
+from hessdiff.eval.sweep.store import _RUN_KEY, _dumps, _number, _read_json, write_json
 from hessdiff.eval.sweep.work import UNCONDITIONAL, _Item, _Unit
+from hessdiff.utils.files import atomic_write
 
 if TYPE_CHECKING:
     from hessdiff.eval.sweep.run import _Runner
@@ -80,7 +81,7 @@ def _finalize(cfg: SweepConfig, out: Path, items: list[_Item], sweep_hash: str, 
 
     # results.jsonl: every finished sample item, in item order
     lines = [_dumps(records[it.index]) for it in sample_items if it.index in records]
-    atomic_write_bytes(out / "results.jsonl", ("\n".join(lines) + ("\n" if lines else "")).encode())
+    atomic_write(out / "results.jsonl", "\n".join(lines) + ("\n" if lines else ""), overwrite=True, mkdir=True)
 
     units: dict[str, tuple[_Unit, list[_Item]]] = {}
     for it in sample_items:
@@ -154,11 +155,11 @@ def _finalize(cfg: SweepConfig, out: Path, items: list[_Item], sweep_hash: str, 
     n_done = len(records)
     meta = {"sweep": cfg.name, "sweep_hash": sweep_hash, "num_items": len(sample_items), "num_done": n_done,
             "complete": n_done == len(sample_items), "configurations": summary}
-    atomic_write_json(files["json"], meta, indent=2)
+    write_json(files["json"], meta, indent=2)
     metric_names = _metric_columns(cfg)
-    atomic_write_bytes(files["csv"], _csv_text(summary, metric_names).encode())
-    atomic_write_bytes(files["markdown"], _markdown(cfg, sweep_hash, summary, metric_names, n_done,
-                                                    len(sample_items)).encode())
+    atomic_write(files["csv"], _csv_text(summary, metric_names), overwrite=True, mkdir=True)
+    atomic_write(files["markdown"], _markdown(cfg, sweep_hash, summary, metric_names, n_done, len(sample_items)),
+                 overwrite=True, mkdir=True)
     plots = _plots(out / "plots", summary, metric_names) if with_plots else []
     if plots:
         files["plots"] = out / "plots"
@@ -309,6 +310,6 @@ def _plots(folder: Path, summary: list[dict[str, Any]], metrics: list[str]) -> l
         fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
         path = folder / f"{name}.png"
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write(path, buf.getvalue(), overwrite=True, mkdir=True)
         written.append(path)
     return written

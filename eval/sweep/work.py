@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hessdiff.eval.sweep.config import MethodEntry, SweepConfig, TaskEntry, config_hash, format_seeds
+from hessdiff.eval.sweep.config import MethodEntry, SweepConfig, TaskEntry, config_hash
 from hessdiff.eval.sweep.images import _ImageSet
 from hessdiff.eval.sweep.store import _read_json
+from hessdiff.utils.seeds import format_seeds
 
 NO_MODEL = "no-model"
 UNCONDITIONAL = "unconditional"

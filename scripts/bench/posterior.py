@@ -694,12 +694,15 @@ def run_from_args(args: Any) -> int:
     torch.set_num_threads(max(1, int(args.threads)))
     names = [m.strip() for m in str(args.methods).split(",") if m.strip()]
     methods = {m: method_from_spec(m) for m in names}
-    from hessdiff.eval.sweep.config import parse_seeds
+    from hessdiff.utils.seeds import parse_seeds
 
+    try:
+        replicates = sorted(parse_seeds(args.replicates, bound=2**63))
+    except ValueError as exc:
+        raise ValueError(f"--replicates: {exc}") from None
     kw: dict[str, Any] = dict(
         dims=_ints(args.dims, "--dims"), measurement_dims=_ints(args.measurement_dims, "--measurement-dims"),
-        sigmas=[float(v) for v in str(args.sigmas).split(",")], replicates=list(parse_seeds(args.replicates,
-                                                                                           "--replicates")),
+        sigmas=[float(v) for v in str(args.sigmas).split(",")], replicates=replicates,
         steps=_ints(args.steps, "--steps"), num_samples=args.samples, num_projections=args.projections)
     if args.quick:
         kw.update(dims=[8], measurement_dims=[1], sigmas=[0.1], replicates=[0, 1], steps=[5, 10], num_samples=200,

@@ -1,4 +1,4 @@
-"""Tests of the image-folder dataset, resizing and image I/O."""
+"""Tests of the image-folder dataset and resizing (image files: tests/utils/test_images.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hessdiff.eval import (
-    ImageFolderDataset,
-    ImageItem,
-    from_uint8,
-    list_image_files,
-    load_image,
-    resize_image,
-    save_image,
-    to_uint8,
-)
+from hessdiff.eval import ImageFolderDataset, ImageItem, list_image_files, resize_image
+from hessdiff.utils.images import to_uint8
 
 
 def _array(seed: int, h: int, w: int) -> np.ndarray:
@@ -150,25 +142,3 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
     (bad / "a.png").write_bytes(b"junk")
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="no readable image"):
         ImageFolderDataset(bad)
-
-
-def test_modes_are_converted_to_rgb(tmp_path):
-    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
-    Image.fromarray(gray).save(tmp_path / "g.png")
-    rgba = np.dstack([_array(1, 8, 8), np.full((8, 8), 7, np.uint8)])
-    Image.fromarray(rgba).save(tmp_path / "r.png")
-    assert torch.equal(load_image(tmp_path / "g.png"), torch.from_numpy(gray).expand(3, 8, 8))
-    assert torch.equal(load_image(tmp_path / "r.png"), torch.from_numpy(rgba[..., :3]).permute(2, 0, 1))
-
-
-def test_save_load_round_trip(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(3, 9, 7, generator=g) * 2.2 - 1.1
-    path = save_image(x, tmp_path / "out" / "img.png")
-    assert torch.equal(load_image(path), to_uint8(x))
-    u = to_uint8(x)
-    save_image(from_uint8(u), path)  # overwriting is allowed and exact
-    assert torch.equal(load_image(path), u)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["img.png"]  # no temporary files left
-    with pytest.raises(ValueError, match="one image"):
-        save_image(x[None], tmp_path / "b.png")

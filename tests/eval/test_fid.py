@@ -23,11 +23,11 @@ from hessdiff.eval import (
     fid_from_stats,
     folder_feature_stats,
     frechet_distance,
-    from_uint8,
     inception_weights_path,
     kernel_inception_distance,
 )
 from hessdiff.eval.metrics import fid as fidmod
+from hessdiff.utils.images import from_uint8
 
 # clean-fid's own frechet_distance (the parity reference) calls scipy's sqrtm with a deprecated argument
 pytestmark = pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")
@@ -265,7 +265,7 @@ def test_inception_missing_weights_error_names_the_path(tmp_path):
         CleanFIDInception(download=True)
     assert time.perf_counter() - start < 5
     assert str(expected) in str(info.value) and fidmod.INCEPTION_URL in str(info.value)
-    assert not expected.exists() and list(expected.parent.glob("*.part")) == []
+    assert not expected.exists() and list(expected.parent.glob(".*.tmp")) == []
     # clean-fid's own download location is accepted as well
     _save_fake_inception(fidmod._cleanfid_inception_path())
     assert CleanFIDInception(download=False).weights_path == fidmod._cleanfid_inception_path()

@@ -19,13 +19,12 @@ from hessdiff.eval import (
     MissingWeightsError,
     PairedMetric,
     as_float_image,
-    from_uint8,
     lpips_backbone_path,
     psnr,
     ssim,
-    to_uint8,
     to_unit,
 )
+from hessdiff.utils.images import from_uint8, to_uint8
 
 
 def _images(seed: int, shape=(3, 3, 37, 31), dtype=torch.float64, spread: float = 1.1) -> torch.Tensor:
@@ -213,7 +212,7 @@ def test_lpips_missing_weights_error_names_the_path(tmp_path, net, filename):
         LPIPS(net, download=True)
     assert time.perf_counter() - start < 5
     assert str(expected) in str(info.value) and "https://download.pytorch.org/models/" + filename in str(info.value)
-    assert not expected.exists() and list(expected.parent.glob("*.part")) == []
+    assert not expected.exists() and list(expected.parent.glob(".*.tmp")) == []
 
 
 def test_lpips_bad_backbone_name():

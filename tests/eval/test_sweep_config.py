@@ -12,12 +12,12 @@ from PIL import Image
 from hessdiff.eval.sweep.config import (
     SweepConfigError,
     config_hash,
-    format_seeds,
     load_config,
     parse_config,
     parse_seeds,
 )
 from hessdiff.eval.sweep.methods import METHODS, register_method
+from hessdiff.utils.seeds import format_seeds
 
 
 @pytest.fixture()

@@ -14,7 +14,6 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from hessdiff.eval.images import from_uint8, load_image
 from hessdiff.eval.metrics import psnr, ssim
 from hessdiff.eval.sweep import (
     SweepError,
@@ -27,24 +26,7 @@ from hessdiff.eval.sweep import (
 from hessdiff.eval.sweep.config import SweepConfigError, parse_config
 from hessdiff.eval.sweep.methods import PixelFeatures
 from hessdiff.eval.sweep.store import _FolderLock
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Several BLAS / torch threads on a busy 2-core machine are much slower than one for these sizes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        limits = contextlib.nullcontext()
-    else:
-        limits = threadpool_limits(1)
-    try:
-        with limits:
-            yield
-    finally:
-        torch.set_num_threads(n)
+from hessdiff.utils.images import load_image, to_uint8
 
 
 def make_folder(path: Path, n: int, size: tuple[int, int] = (18, 20), grey: bool = False, seed: int = 0) -> Path:
@@ -103,7 +85,7 @@ def test_restoration_sweep_files_metrics_and_resume(tmp_path):
     rec = recs["no-model/sr2/pinv/0/im02/s1"]
     assert rec["files"]["image"].endswith("items/no-model/sr2/pinv/steps-0/im02_s1.png")
     assert rec["image"] == {"id": "im02", "file": "im02.png", "index": 2, "seed": 2}
-    fake = load_image(out / rec["files"]["image"])[None]
+    fake = to_uint8(load_image(out / rec["files"]["image"], channels=3))
     from hessdiff.eval.data import ImageFolderDataset
 
     clean = ImageFolderDataset(data, 16, files=[data / "im02.png"]).load_uint8(0)[None]
@@ -280,7 +262,9 @@ def test_evaluate_folders_pairs_by_name(tmp_path):
         a = np.asarray(Image.open(p)).astype(np.int16) + rng.integers(-20, 21, (16, 16, 3))
         Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(fake / f"{p.stem}_s0.png")
     res = evaluate_folders(real, fake, metrics=["psnr", "ssim", "fid"], features="pixels")
-    expect = [float(psnr(load_image(fake / f"{p.stem}_s0.png"), load_image(p))) for p in sorted(real.glob("*.png"))]
+    u8 = [(to_uint8(load_image(fake / f"{p.stem}_s0.png", channels=3)), to_uint8(load_image(p, channels=3)))
+          for p in sorted(real.glob("*.png"))]
+    expect = [float(psnr(a, b)) for a, b in u8]
     assert res["num_pairs"] == 4 and res["psnr"] == pytest.approx(np.mean(expect), rel=1e-12)
     assert res["fid"] > 0
     same = evaluate_folders(real, real, metrics=["fid"], features="pixels")
@@ -335,7 +319,6 @@ def test_config_error_for_inconsistent_image_space(tmp_path):
     raw["data"].pop("resolution")
     with pytest.raises(SweepConfigError, match="resolution"):
         parse_config(raw, name="t.toml")
-    assert from_uint8 is not None
 
 
 def test_metric_that_cannot_run_is_marked_missing(tmp_path):

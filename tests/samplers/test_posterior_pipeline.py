@@ -20,15 +20,6 @@ from hessdiff.samplers.diffusers.pipeline import PosteriorSamplingPipeline, VAEA
 from hessdiff.tasks.operators import Inpainting, SuperResolution
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is many times faster than two on a loaded machine (no barrier waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _pixel_unet(size: int = 8) -> UNet2DModel:
     torch.manual_seed(0)
     return UNet2DModel(sample_size=size, in_channels=3, out_channels=3, layers_per_block=1,

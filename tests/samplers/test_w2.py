@@ -41,14 +41,6 @@ from hessdiff.scripts.bench.gmm import (
 NFES = (20, 40, 80, 160, 320)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=[8, 3072], ids=["d8", "d3072"])
 def errors(request) -> dict[str, list[float]]:
     """W2 per solver at NFES (and at 15, the smallest NFE without lowered final orders)."""

@@ -11,14 +11,6 @@ from hessdiff.samplers.solvers import sample_ddim
 from hessdiff.scripts.bench import gmm as B
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
     methods = {k: v for k, v in B.default_methods().items() if k in ("ddim", "dpm++2m")}

@@ -18,14 +18,6 @@ from hessdiff.scripts.cli import main as cli_main
 from hessdiff.tasks.operators import MatrixOperator
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("d_x,d_y,sigma", [(8, 2, 0.1), (8, 1, 0.01), (80, 4, 1.0)])
 def test_grid_posterior_matches_the_general_mixture_posterior(d_x, d_y, sigma):
     p = grid_gmm_problem(d_x, d_y, 3, sigma_y=sigma)

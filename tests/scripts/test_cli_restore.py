@@ -13,7 +13,8 @@ import torch
 
 from hessdiff.samplers.defaults import method_defaults
 from hessdiff.scripts import _common, cli, cmd_restore
-from hessdiff.tasks import load_image, load_measurement, make_task
+from hessdiff.tasks import load_measurement, make_task
+from hessdiff.utils.images import load_image
 
 EXAMPLE_DIGIT = "mnist_test_150_digit3.png"  # the README's example
 EXAMPLE_LABEL = 3
@@ -143,9 +144,9 @@ def test_restore_writes_reproducible_outputs(tmp_path, digit_png, pixel_model_di
     # the restoration is what the library function computes from the same model, measurement and seed
     model = _common.load_model_for_cli(str(pixel_model_dir), torch.device("cpu"), torch.float32)
     res = cmd_restore.restore_image(model, ref, method="dps", steps=3, seed=3)
-    from hessdiff.tasks.io import image_to_uint8
+    from hessdiff.utils.images import to_uint8_array
 
-    assert np.array_equal(_png(out / "restored.png"), image_to_uint8(res.restored))
+    assert np.array_equal(_png(out / "restored.png"), to_uint8_array(res.restored))
     assert res.cost.nfe == 3 and res.cost.network_forward == 3 and res.cost.network_backward == 3
 
     # the comparison shows input | measurement | restoration, enlarged with nearest neighbour
@@ -197,9 +198,9 @@ def test_in_memory_pipeline_matches_saved_folder(tmp_path, digit_png):
     assert _main(str(digit_png), "--task", "super-resolution", "--param", "scale=2", "--method", "stsl",
                  "--option", "inner_steps=1", "--steps", "2", "--seed", "1", "--model", str(folder),
                  "--out", str(out), "--device", "cpu", "--quiet") == 0
-    from hessdiff.tasks.io import image_to_uint8
+    from hessdiff.utils.images import to_uint8_array
 
-    assert np.array_equal(_png(out / "restored.png"), image_to_uint8(res.restored))
+    assert np.array_equal(_png(out / "restored.png"), to_uint8_array(res.restored))
     assert _png(out / "measurement.png").shape == (16, 16)
     other = cmd_restore.restore_image(model, m, method="stsl", steps=2, seed=2, options={"inner_steps": 1})
     assert not torch.equal(res.restored, other.restored)  # the sampler's seed matters

@@ -76,10 +76,10 @@ def test_sample_writes_grid_and_one_png_per_seed(tmp_path, pixel_model_dir, caps
     # the files hold what the library function computes
     model = _common.load_model_for_cli(str(pixel_model_dir), torch.device("cpu"), torch.float32)
     images, rep = cmd_sample.sample_images(model, [0, 1, 2, 3], steps=3)
-    from hessdiff.tasks.io import image_to_uint8
+    from hessdiff.utils.images import to_uint8_array
 
     assert rep["nfe"] == 3 and rep["sampler"] == "dpm++"
-    assert all(np.array_equal(tiles[i], image_to_uint8(images[i:i + 1])) for i in range(4))
+    assert all(np.array_equal(tiles[i], to_uint8_array(images[i:i + 1])) for i in range(4))
 
 
 def test_image_depends_only_on_its_seed(tmp_path, pixel_model_dir):

@@ -10,7 +10,8 @@ import torch
 
 from hessdiff.scripts import cmd_degrade
 from hessdiff.scripts.cli import CLIError
-from hessdiff.tasks import load_image, load_measurement, make_task
+from hessdiff.tasks import load_measurement, make_task
+from hessdiff.utils.images import load_image
 
 
 def _run(*argv: str) -> int:
