@@ -174,12 +174,14 @@ def png_mask(path: str | Path, height: int | None = None, width: int | None = No
              keep: str = "white", threshold: int = 128) -> Tensor:
     """Read a mask from an image file (PNG etc.); ``[1, H, W]`` float64 of 0/1.
 
-    The file is converted to 8-bit grey levels; with ``keep="white"`` pixels ``>= threshold`` are
+    The file is read as grey levels with :func:`hessdiff.utils.images.load_image` (so 16-bit files are
+    scaled, not clipped, and the EXIF orientation is applied, as for images) and quantised to
+    ``0..255``; with ``keep="white"`` pixels ``>= threshold`` are
     observed (1) and darker ones are holes (0); ``keep="black"`` swaps this. If ``height`` / ``width``
     are given the file must have that size. Raises ``FileNotFoundError`` (missing file) or
     ``ValueError`` (unreadable file, wrong size, bad options), naming the path.
     """
-    from PIL import Image, UnidentifiedImageError
+    from hessdiff.utils.images import load_image, to_uint8
 
     p = Path(path)
     if keep not in ("white", "black"):
@@ -189,10 +191,9 @@ def png_mask(path: str | Path, height: int | None = None, width: int | None = No
     if not p.is_file():
         raise FileNotFoundError(f"mask file not found: {p}")
     try:
-        with Image.open(p) as im:
-            grey = np.asarray(im.convert("L"), dtype=np.uint8).copy()
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise ValueError(f"cannot read a mask image from {p}: {exc}") from exc
+        grey = to_uint8(load_image(p, channels=1))[0, 0].numpy()
+    except ValueError as exc:
+        raise ValueError(f"cannot read a mask image from {p}: {exc.__cause__ or exc}") from exc
     h, w = grey.shape
     if (height is not None and h != height) or (width is not None and w != width):
         raise ValueError(f"mask {p} is {h}x{w} but the image is {height}x{width}; "

@@ -184,6 +184,16 @@ def test_png_mask(tmp_path):
         png_mask(tmp_path / "nothere.png")
 
 
+def test_png_mask_16bit_levels_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    arr = np.full((4, 6), 65535, dtype=np.uint16)
+    arr[:, :2] = 20000  # about 78 of 255: a hole at threshold 128 (clipping to 8 bits would make it 255)
+    Image.fromarray(arr).save(tmp_path / "m16.png")
+    m = png_mask(tmp_path / "m16.png")
+    assert float(m[0, :, :2].max()) == 0.0 and float(m[0, :, 2:].min()) == 1.0
+
+
 # ---------------------------------------------------------------------- noise
 def test_from_scale_conversions():
     assert from_scale(0.025, "[0,1]") == pytest.approx(0.05, rel=1e-15)
