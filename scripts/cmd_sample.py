@@ -30,6 +30,7 @@ __all__ = ["register", "run", "sample_images", "SAMPLERS", "LML_VARIANTS", "DEFA
 EPILOG = """examples:
   hessdiff sample --seeds 0-15 --out runs/samples           # 16 digits of the embedded model, DPM-Solver++ 25 steps
   hessdiff sample --sampler ddim --steps 50 --eta 1.0 --seeds 0-7
+  hessdiff sample --sampler unipc --steps 8 --seeds 0-15        # UniPC-2 (bh2), or ipndm (iPNDM-4)
   hessdiff sample --sampler lml-published --solver dpm --steps 10 --lml-option lamb=8e-4 --seeds 0,3,5-9
   hessdiff sample --sampler lml-hessian-step --steps 10 --seeds 0-15 --out runs/lml
   hessdiff sample --model google/ddpm-cifar10-32 --sampler dpm --steps 10 --seeds 0-63 --device cuda
@@ -40,7 +41,7 @@ EPILOG = """examples:
 DEFAULT_STEPS = 25
 
 #: base solvers (``hessdiff.samplers.solvers.SOLVERS``)
-SAMPLERS = ("ddim", "dpm", "dpm++", "euler")
+SAMPLERS = ("ddim", "dpm", "dpm++", "euler", "unipc", "ipndm")
 #: ``lml-<name>`` -> the ``make_correction`` name
 LML_VARIANTS = {"lml-published": "published", "lml-hessian-step": "hessian-step",
                 "lml-matched-noise": "matched-noise"}
@@ -133,7 +134,7 @@ def sample_images(
     ``wall_time_s``, the resolved sampler). Sample ``i`` starts from ``sigma_0 * randn`` drawn on the CPU
     from ``torch.Generator().manual_seed(seeds[i])``, which also drives its sampler noise.
     """
-    from hessdiff.samplers.denoiser import CountingDenoiser
+    from hessdiff.samplers.loop import CountingDenoiser
     from hessdiff.samplers.solvers import get_solver
     from hessdiff.scripts._common import StepProgress, make_autoencoder, make_denoiser
 
