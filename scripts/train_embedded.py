@@ -421,10 +421,10 @@ STOP = _Stop()
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    """``torch.save(obj, path)`` through :func:`hessdiff.utils.files.atomic_write` (synced, replaced in one step)."""
+    from hessdiff.utils.files import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite=True, mkdir=True)
 
 
 def _train_unet(
