@@ -530,8 +530,21 @@ def _parse_steps(where: str, raw: Any) -> tuple[int, ...]:
     return tuple(sorted(int(v) for v in vals))
 
 
-def _parse_methods(name: str, raw: Any, methods: Mapping[str, Any],
-                   model_labels: Sequence[str] = ()) -> tuple[MethodEntry, ...]:
+def _table_defaults(mname: str, spec: Any, sources: Sequence[str]) -> dict[str, Any]:
+    """The method's row of the defaults table (:mod:`hessdiff.samplers.defaults`) for the family the
+    entry's models share (the published row otherwise), restricted to the method's options, so that a
+    sweep runs what ``hessdiff restore`` and the pipeline run on the same model."""
+    from hessdiff.samplers.defaults import DEFAULTS, method_defaults, model_family
+
+    if mname not in DEFAULTS:
+        return {}
+    families = {model_family(str(src)) for src in sources}
+    family = families.pop() if len(families) == 1 else None
+    return {k: v for k, v in method_defaults(mname, family).items() if k in spec.options}
+
+
+def _parse_methods(name: str, raw: Any, methods: Mapping[str, Any], model_labels: Sequence[str] = (),
+                   model_sources: Mapping[str, str] | None = None) -> tuple[MethodEntry, ...]:
     out: list[MethodEntry] = []
     for i, entry in enumerate(_entries(f"{name}: [[methods]]", raw, "methods"), 1):
         where = f"{name}: [[methods]] entry {i}"
@@ -555,8 +568,11 @@ def _parse_methods(name: str, raw: Any, methods: Mapping[str, Any],
         opts = t.get("options", {})
         if not isinstance(opts, Mapping):
             raise SweepConfigError(f"{where}: options must be a table, e.g. options = {{ eta = 0.0 }}")
+        entry_models = t.get("models") or model_labels
+        entry_models = [entry_models] if isinstance(entry_models, str) else entry_models
+        sources = [str((model_sources or {}).get(lb, lb)) for lb in entry_models if isinstance(lb, str)]
         try:
-            options = spec.resolve_options(dict(opts))
+            options = spec.resolve_options({**_table_defaults(mname, spec, sources), **dict(opts)})
         except ValueError as exc:
             raise SweepConfigError(f"{where}: {exc}") from exc
         label = _label(where, "label", t["label"]) if "label" in t else _slug(mname)
@@ -677,7 +693,8 @@ def parse_config(raw: Mapping[str, Any], *, name: str = "sweep config", base_dir
     if "methods" not in top:
         raise SweepConfigError(f"{name}: no [[methods]] given; add at least one, e.g.\n"
                                "[[methods]]\nname = \"ddim\"\nsteps = [10, 20]")
-    mlist = _parse_methods(name, top["methods"], methods, [m.label for m in models])
+    mlist = _parse_methods(name, top["methods"], methods, [m.label for m in models],
+                           {m.label: m.source for m in models})
     if "tasks" in top:
         if data is None:
             raise SweepConfigError(f"{name}: [[tasks]] need clean images: add a [data] section")
