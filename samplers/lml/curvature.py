@@ -403,10 +403,13 @@ class StatsSource:
         U = A.U - n[:, :, None] * (n[:, :, None] * A.U).sum(1, keepdim=True)
         return LowRankSym(torch.linalg.qr(U)[0], A.s, A.s0)
 
-    def save(self, path: str | Any) -> None:
+    def save(self, path: str | Any, overwrite: bool = False) -> None:
         from safetensors.torch import save_file
 
-        save_file({"rhos": self.rhos, "U": self.U.contiguous(), "s": self.s, "s0": self.s0}, str(path))
+        from hessdiff.utils.files import atomic_write
+
+        tensors = {"rhos": self.rhos, "U": self.U.contiguous(), "s": self.s, "s0": self.s0}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Any) -> StatsSource:
