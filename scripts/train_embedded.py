@@ -533,6 +533,7 @@ def _train_unet(
         })
         label = "eps MSE" if pred == "epsilon" else "v MSE"
         plot_losses({label: losses}, out_dir / "loss_curve.png", f"{name} training loss")
+        (out_dir / "provisional.json").unlink(missing_ok=True)
         if ckpt.is_file():
             ckpt.unlink()
             if not any(ckpt.parent.iterdir()):
@@ -557,6 +558,45 @@ def stage_ddpm(out: Path, args: argparse.Namespace) -> None:
         })
     else:
         raise _Unfinished(f"{fam}-ddpm")
+
+
+def stage_export(out: Path, args: argparse.Namespace) -> None:
+    """Export the EMA weights of an unfinished run's checkpoint as a provisional pipeline folder.
+
+    For each of the family's diffusion models with ``checkpoint/checkpoint.pt``: ``unet/`` (the EMA at the
+    checkpoint's step), ``scheduler/``, ``model_index.json`` (pixel model) and ``provisional.json`` (the
+    step reached and the command that finishes the run). ``--resume`` of the training stage continues from
+    the checkpoint and, when finished, overwrites these and removes ``provisional.json``.
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    for kind in ("ddpm", "ldm"):
+        d = out / "models" / f"{args.family}-{kind}"
+        ckpt = d / "checkpoint" / "checkpoint.pt"
+        if not ckpt.is_file():
+            continue
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in st["settings"]["unet_config"].items()}
+        ema = UNet2DModel(**cfg)
+        ema.load_state_dict(st["ema"])
+        ema.save_pretrained(d / "unet", safe_serialization=True)
+        DDPMScheduler(**st["settings"]["scheduler"], clip_sample=kind == "ddpm").save_pretrained(d / "scheduler")
+        if kind == "ddpm":
+            write_json(d / "model_index.json", {
+                "_class_name": "DDPMPipeline", "_diffusers_version": __import__("diffusers").__version__,
+                "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"],
+            })
+        stage = "ddpm" if kind == "ddpm" else "ldm"
+        write_json(d / "provisional.json", {
+            "provisional": True, "step": st["step"], "steps": st["settings"]["steps"],
+            "cpu_time_s": round(st["cpu_time_s"], 1), "wall_time_s": round(st["wall_time_s"], 1),
+            "settings": st["settings"], "final_loss_last100": final_loss(st["losses"]),
+            "finish_with": f"python -m hessdiff.scripts.train_embedded {stage} eval cards --family {args.family} "
+                           f"--threads 1 --seed {args.seed} --resume",
+        })
+        plot_losses({"v MSE" if st["settings"]["scheduler"].get("prediction_type") == "v_prediction" else "eps MSE":
+                     st["losses"]}, d / "loss_curve.png", f"{args.family}-{kind} training loss (step {st['step']})")
+        log(f"export: {d} <- EMA of {ckpt} at step {st['step']}/{st['settings']['steps']} (provisional)")
 
 
 class _Unfinished(Exception):
@@ -604,7 +644,8 @@ def stage_vae(out: Path, args: argparse.Namespace) -> None:
     vae.eval()
     with torch.no_grad():
         zs = []
-        for xb in data.split(250):
+        # the latent std of the training set (Fashion-MNIST: of its first 10,000 images)
+        for xb in (data if fam == "mnist" else data[:10000]).split(250):
             p = vae.encode(xb).latent_dist
             zs.append(p.mean + p.std * torch.randn(p.mean.shape, generator=g))
         z = torch.cat(zs)
@@ -845,6 +886,12 @@ def stage_eval_v2(out: Path, args: argparse.Namespace) -> None:
             save_grid(torch.cat([xt[:32], rec[:32]]), d / "vae_reconstructions.png")
         else:
             res["jacobian_check"] = jacobian_check(m, xt[:16], M.embedded_dataset("train", family=fam)[:10000])
+            # the same check on the shipped MNIST pixel model (recipe v1: eps prediction, linear betas)
+            xm = M.embedded_dataset("test")
+            res["jacobian_check_mnist_ddpm_v1"] = jacobian_check(M.load_model("mnist"), xm[:16], xm)
+        prov = _read(d / "provisional.json")
+        if prov:
+            res["provisional_step"] = prov["step"]
         write_json(d / "metrics.json", res)
         log(f"eval: {fam}-{kind} {res}")
     d = out / "models" / f"{fam}-classifier"
@@ -971,8 +1018,142 @@ def _fid_text(m: dict[str, Any]) -> str:
     )
 
 
+FASHION_DATA_TEXT = """\
+**Data.** Fashion-MNIST (H. Xiao, K. Rasul, R. Vollgraf, 2017, https://github.com/zalandoresearch/fashion-mnist;
+MIT licence), read from Debian's `dataset-fashion-mnist` package (`apt-get install dataset-fashion-mnist`,
+`/usr/share/datasets/fashion-mnist/*-ubyte.gz`; `hessdiff.samplers.models.load_fashion_mnist`). Training: the
+official 60,000 training images. Held out: 1,000 images of the official test split (100 per class,
+`fashion_test_indices`: numpy `default_rng(0)` per class, then the class-balanced shuffled order of
+`balanced_order`, so the first 10 k have k per class), shipped in `assets/data/fashion_test_1000.npz`
+(`embedded_dataset("test", family="fashion")`). Images are `[1, 32, 32]` in [-1, 1]: pixel / 127.5 - 1, the
+28x28 image padded by 2 px with the background value -1 (as the MNIST models)."""
+
+
+def _jac_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| t | alpha | sigma | radial <e,Je> model | radial data-Gaussian | random <u,Ju> model | "
+             "random data-Gaussian |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['t']} | {r['alpha']:.3g} | {r['sigma']:.3g} | {r['radial_model']:.4g} | "
+                     f"{r['radial_gaussian']:.4g} | {r['random_model']:.4g} | {r['random_gaussian']:.4g} |")
+    return "\n".join(lines)
+
+
+def _fashion_quality(mt: dict[str, Any]) -> str:
+    if not mt:
+        return "(not evaluated yet: run the `eval` stage)"
+    ref = mt["reference"]["train_vs_test"]
+    return (
+        f"{mt['sampler']}, seed {0}: domain FID (penultimate features of `hessdiff/fashion-classifier`) of "
+        f"{mt['n_samples']} samples against the first {mt['n_test']} held-out images "
+        f"**{mt['domain_fid_vs_test']:.2f}**; "
+        f"real-vs-real floor at the same sizes ({ref['n']} training images, {ref['n'] // 10} per class, vs the "
+        f"same held-out images) **{ref['domain_fid_vs_test']:.2f}**. Classifier on the samples: mean max-softmax "
+        f"{mt['mean_max_softmax']:.3f} (real: {ref['mean_max_softmax']:.3f}), share with confidence > 0.9 "
+        f"{mt['share_confident_0.9']:.2f} (real: {ref['share_confident_0.9']:.2f}); predicted class histogram "
+        f"{mt['predicted_class_counts']} (real: {ref['predicted_class_counts']}). Sampling took "
+        f"{_fmt_s(mt['sampling_cpu_time_s'])} CPU."
+    )
+
+
+def stage_cards_fashion(out: Path, args: argparse.Namespace) -> None:
+    """Model cards of the Fashion-MNIST models (finished runs from train_log.json, unfinished ones from
+    provisional.json), with the figures of metrics.json."""
+    fam = args.family
+    cmd = "python -m hessdiff.scripts.train_embedded {stages} --family " + fam + " --threads 1 --seed 0"
+    d = out / "models" / f"{fam}-classifier"
+    lg, mt = _read(d / "train_log.json"), _read(d / "metrics.json")
+    if lg:
+        (d / "README.md").write_text(f"""# hessdiff/{fam}-classifier — Fashion-MNIST classifier, domain-FID features
+
+`load_classifier("hessdiff/{fam}-classifier")` returns a `DigitClassifier` (the MNIST classifier's architecture:
+three stages of two 3x3 conv + GroupNorm(8) + SiLU, widths {CLASSIFIER_WIDTHS}, average pooling, 128-d
+global-average features, linear head; {lg['params']:,} parameters); `domain_features(x, classifier)` gives the
+features of the Fashion-MNIST *domain FID*. Input `[B, 1, 32, 32]` in [-1, 1].
+
+{FASHION_DATA_TEXT}
+
+**Training.** {lg['steps']} steps of batch {lg['batch_size']} ({lg['steps'] * lg['batch_size'] / 60000:.2f} epochs),
+AdamW lr {lg['lr']} (weight decay 1e-4, warm-up + cosine), {lg['augmentation']}; seed {lg['seed']}.
+{_time_text(lg)}. Final loss {lg['final_loss_last100']:.4f}.
+
+**Accuracy.** **{100 * lg['test_accuracy']:.1f}%** on the {lg['n_test']} held-out images (training images:
+{100 * lg['train_accuracy']:.1f}%). A short CPU run: enough as a feature network for comparing samplers on the
+same model and sample sizes, not a strong Fashion-MNIST classifier.
+
+![loss curve](loss_curve.png)
+
+**Retrain:** `{cmd.format(stages='classifier cards')}`
+""")
+    d = out / "models" / f"{fam}-ddpm"
+    lg, prov, mt = _read(d / "train_log.json"), _read(d / "provisional.json"), _read(d / "metrics.json")
+    info = lg or prov
+    if info:
+        settings = prov.get("settings", {}) if prov else {}
+        ucfg = lg.get("unet_config") if lg else settings.get("unet_config")
+        steps = info["steps"]
+        status = (f"**Status: training unfinished.** The run stopped at step **{prov['step']} of {steps}** "
+                  f"({_fmt_s(prov['cpu_time_s'])} CPU, {_fmt_s(prov['wall_time_s'])} wall on a 2-core machine "
+                  "shared with other jobs). The full training state is committed in `checkpoint/checkpoint.pt` "
+                  "(model, EMA, AdamW state, lr schedule, generator state, data order, step, losses); the "
+                  "`unet/` weights shipped now are the EMA at that step (provisional, `provisional.json`). "
+                  f"Finish the run (bit-identical to an uninterrupted one) with\n\n```\n{prov['finish_with']}\n```\n"
+                  "which overwrites `unet/`, writes `train_log.json` and removes the checkpoint.") if prov else (
+                  f"**Status: finished** ({steps} steps). {_time_text(lg)}.")
+        jac = mt.get("jacobian_check")
+        jac_text = ""
+        if jac:
+            jac_text = f"""
+**Jacobian check** (`jacobian_check` in the script): quadratic forms of `J = d x0_hat / d x` at
+`x = alpha x0 + sigma eps` for 16 held-out images, radial `e = x/|x|` and random unit directions, next to the
+data-Gaussian denoiser's `J_g = alpha C (alpha^2 C + sigma^2 I)^-1` (C: covariance of 10,000 training images).
+This model (v-prediction, cosine schedule{', provisional weights' if prov else ''}):
+
+{_jac_table(jac)}
+
+The shipped MNIST pixel model (`hessdiff/mnist-ddpm`, eps prediction, linear betas) against its own data-Gaussian:
+
+{_jac_table(mt.get('jacobian_check_mnist_ddpm_v1', []))}
+"""
+        (d / "README.md").write_text(f"""# hessdiff/{fam}-ddpm — small pixel-space diffusion model on Fashion-MNIST
+
+`load_model("{fam}")` or `load_model("hessdiff/{fam}-ddpm")` (offline); a diffusers `DDPMPipeline` folder.
+`hessdiff restore IMAGE --model {fam} ...` uses it.
+
+{status}
+
+{FASHION_DATA_TEXT}
+
+**Model (recipe v2).** `UNet2DModel` {json.dumps(ucfg)}; 1,805,121 parameters. **v-prediction**
+(`prediction_type="v_prediction"`, `v = alpha eps - sigma x0`; `x0_hat = alpha x - sigma v` has no `1/alpha`
+amplification of the network error at high noise, unlike eps prediction), `DDPMScheduler` with the cosine
+schedule (`beta_schedule="squaredcos_cap_v2"`, T = 1000), `clip_sample=True`. Shipped weights: the EMA
+(decay {RECIPE_DEFAULTS['v2']['ema_decay']}, horizon about 500 steps, warm-up `min(d, (1+k)/(10+k))`).
+
+**Training.** {steps} steps of batch 32 (uniform t, MSE on v), AdamW lr 1e-3, 100-step warm-up, cosine decay to
+0.1x, grad-norm clip 1.0; seed 0, one thread. Measured about 2.4-2.6 s CPU per step on this (shared) machine,
+so the full run is about {steps * 2.5 / 60:.0f} min of one core. Loss (mean of the last 100 steps)
+{info['final_loss_last100']:.4f}.
+
+![loss curve](loss_curve.png)
+
+**Samples** (64 of the evaluation samples{', provisional weights' if prov else ''}):
+
+![samples](sample_grid.png)
+
+**Quality{' (provisional weights, step ' + str(prov['step']) + ')' if prov else ''}.** {_fashion_quality(mt)}
+{jac_text}
+**Reproduce:** `{cmd.format(stages='data ddpm classifier eval cards')}` (add `--resume` to continue a checkpoint;
+`kill PID` stops a run at a checkpoint). Evaluation only: `{cmd.format(stages='eval cards')}`
+(`--eval-samples N`).
+""")
+    log("cards: written")
+
+
 def stage_cards(out: Path, args: argparse.Namespace) -> None:
     """Render README.md model cards from train_log.json / metrics.json."""
+    if args.family != "mnist":
+        stage_cards_fashion(out, args)
+        return
     retrain = "pip install -e '.[train]'\npython -m hessdiff.scripts.train_embedded {stages} --threads 1 --seed 0"
     clf_log = _read(out / "models" / "mnist-classifier" / "train_log.json")
     acc = clf_log.get("test_accuracy")
@@ -1120,7 +1301,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the embedded default models (needs the optional dependency mlxtend).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("stages", nargs="+", choices=(*STAGES, "all"), help="stages to run, in order")
+    p.add_argument("stages", nargs="+", choices=(*STAGES, "all", "export"),
+                   help="stages to run, in order ('all' = the stages except export)")
     p.add_argument("--out", type=Path, default=None, help="assets folder to write (default: hessdiff.assets)")
     for k, v in DEFAULTS.items():
         if k == "family":
@@ -1145,7 +1327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out if args.out is not None else M.assets_path()
     stages = list(STAGES) if "all" in args.stages else args.stages
     fns = {"data": stage_data, "ddpm": stage_ddpm, "vae": stage_vae, "ldm": stage_ldm,
-           "classifier": stage_classifier, "eval": stage_eval, "cards": stage_cards}
+           "classifier": stage_classifier, "eval": stage_eval, "cards": stage_cards, "export": stage_export}
     STOP.install()
     t0, c0 = time.time(), time.process_time()
     for s in stages:

@@ -367,3 +367,15 @@ def test_fashion_names_are_embedded():
 
     # the same size and image format as the MNIST models: the defaults rows tuned on MNIST
     assert model_family("fashion") == model_family("hessdiff/fashion-ldm") == "mnist"
+
+
+def test_fashion_classifier_accuracy_and_card():
+    root = M.assets_path() / "models" / "fashion-classifier"
+    log = json.loads((root / "train_log.json").read_text())
+    assert f"{100 * log['test_accuracy']:.1f}%" in (root / "README.md").read_text()
+    clf = M.load_classifier("hessdiff/fashion-classifier")
+    x, y = M.embedded_dataset("test", with_labels=True, family="fashion")
+    with torch.no_grad():
+        acc = float((clf(x[:200]).argmax(1) == y[:200]).double().mean())  # 20 per class
+    assert acc >= 0.75 and log["test_accuracy"] >= 0.8
+    assert M.domain_features(x[:4], clf).shape == (4, 128)

@@ -80,3 +80,35 @@ def test_recipes_and_v_prediction_loss():
     x0 = torch.rand(8, 1, 4, 4) * 2 - 1
     loss = TE.diffusion_loss(Oracle(x0), x0, abar, torch.Generator().manual_seed(0), "v_prediction")
     assert float(loss) < 1e-6
+
+
+def test_export_of_an_unfinished_run_loads_as_a_model(tmp_path):
+    from hessdiff.samplers.models import load_model
+
+    d = tmp_path / "models" / "fashion-ddpm"
+    res = _train(d, steps=6, stop_at=3)
+    TE.stage_export(tmp_path, argparse.Namespace(family="fashion", seed=0))
+    m = load_model(d)
+    assert m.scheduler.config.prediction_type == "v_prediction" and not m.is_latent
+    sd = res["ema"].state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in m.unet.state_dict().items())
+    prov = __import__("json").loads((d / "provisional.json").read_text())
+    assert prov["step"] == 3 and prov["steps"] == 6 and "--resume" in prov["finish_with"]
+    # finishing the run replaces the provisional export and removes the checkpoint
+    _train(d, steps=6, resume=True)
+    assert not (d / "provisional.json").exists() and not (d / "checkpoint").exists()
+
+
+def test_fashion_vae_and_latent_stages_on_tiny_data(tmp_path, monkeypatch):
+    from hessdiff.samplers import models as M
+
+    data = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    monkeypatch.setattr(M, "embedded_dataset", lambda split="train", **kw: data)
+    args = argparse.Namespace(family="fashion", recipe="v2", seed=0, vae_steps=2, vae_batch=4, vae_lr=1e-3,
+                              vae_kl_weight=1e-4, ldm_steps=2, ldm_batch=4, ldm_lr=1e-3, ema_decay=0.998,
+                              checkpoint_every=0, resume=False, stop_at=0)
+    TE.stage_vae(tmp_path, args)
+    TE.stage_ldm(tmp_path, args)
+    m = M.load_model(tmp_path / "models" / "fashion-ldm")
+    assert m.is_latent and m.sample_shape == (4, 8, 8) and m.scheduler.config.prediction_type == "v_prediction"
+    assert m.vae_scaling_factor > 0
