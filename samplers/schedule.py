@@ -37,6 +37,7 @@ __all__ = [
     "ContinuousVPSchedule",
     "FlowMatchingSchedule",
     "schedule_from_config",
+    "flow_matching_reason",
     "SPACINGS",
 ]
 
@@ -225,17 +226,21 @@ class DiscreteVPSchedule(NoiseSchedule):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> DiscreteVPSchedule:
-        """Build from a diffusers scheduler config (a dict, ``FrozenDict`` or scheduler object)."""
-        if hasattr(config, "config") and not isinstance(config, Mapping):
-            config = config.config
-        if not isinstance(config, Mapping):
-            raise TypeError(f"expected a diffusers scheduler config mapping, got {type(config).__name__}")
-        if "shift" in config or "use_dynamic_shifting" in config:
-            raise ValueError("this is a flow-matching scheduler config; use FlowMatchingSchedule.from_config")
+        """Build from a diffusers scheduler config (a dict, ``FrozenDict`` or scheduler object) of a
+        DDPM-family scheduler (DDPM, DDIM, PNDM, LMS, Euler, Heun, DPM-Solver, UniPC, DEIS, ...)."""
+        why = flow_matching_reason(config)
+        if why is not None:
+            raise ValueError(f"this is a flow-matching scheduler config ({why}); use FlowMatchingSchedule.from_config")
+        config, names = _config_and_names(config)
         if "num_train_timesteps" not in config and "trained_betas" not in config and "beta_schedule" not in config:
             raise ValueError(
                 "cannot read this scheduler config: it has none of num_train_timesteps, beta_schedule, "
                 f"trained_betas (keys: {sorted(config)[:12]})"
+            )
+        if names and not any(k in config for k in _VP_KEYS):
+            raise ValueError(
+                f"{names[0]} is not a DDPM-family scheduler (its config has no beta schedule: none of "
+                f"{', '.join(_VP_KEYS)}); hessdiff reads DDPM-family and flow-matching schedulers"
             )
         betas = cls.betas_from_config(config)
         ac = torch.cumprod(1.0 - betas, dim=0)
@@ -481,11 +486,16 @@ class FlowMatchingSchedule(NoiseSchedule):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FlowMatchingSchedule:
-        if hasattr(config, "config") and not isinstance(config, Mapping):
-            config = config.config
+        """Build from a flow-matching scheduler config (``FlowMatch*`` schedulers: ``shift``; the
+        multistep solvers with ``use_flow_sigmas=True``: ``flow_shift``)."""
+        config, _ = _config_and_names(config)
         if config.get("use_dynamic_shifting", False):
             raise ValueError("use_dynamic_shifting needs an image-size dependent mu; pass shift explicitly")
-        return cls(int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0)))
+        if config.get("use_flow_sigmas", False) and "flow_shift" in config:
+            shift = config.get("flow_shift")
+        else:
+            shift = config.get("shift")
+        return cls(int(config.get("num_train_timesteps", 1000)), float(1.0 if shift is None else shift))
 
     def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
         s = self._check_t(t) / self.num_train_timesteps
@@ -537,10 +547,61 @@ class FlowMatchingSchedule(NoiseSchedule):
         )
 
 
+#: config entries that only a DDPM-family (variance-preserving, beta-schedule) scheduler has
+_VP_KEYS = ("beta_schedule", "beta_start", "beta_end", "trained_betas", "alphas_cumprod")
+
+
+def _config_and_names(config: Mapping[str, Any] | Any) -> tuple[Mapping[str, Any], list[str]]:
+    """The config mapping of a scheduler object (or a config) and the scheduler class names it
+    declares: the object's class and its bases, or the config's ``_class_name``."""
+    names: list[str] = []
+    if not isinstance(config, Mapping) and hasattr(config, "config"):
+        names = [c.__name__ for c in type(config).__mro__]
+        config = config.config
+    if not isinstance(config, Mapping):
+        raise TypeError(f"expected a diffusers scheduler config mapping, got {type(config).__name__}")
+    cls_name = config.get("_class_name")
+    if cls_name:
+        names.insert(0, str(cls_name))
+    return config, names
+
+
+def flow_matching_reason(config: Mapping[str, Any] | Any) -> str | None:
+    """Why a diffusers scheduler (or its config) is a flow-matching one, or ``None`` for a VP one.
+
+    Flow matching is what defines it, not the presence of option names: diffusers' DPM-Solver,
+    UniPC, DEIS and SA-Solver configs all carry ``use_dynamic_shifting`` / ``flow_shift`` /
+    ``time_shift_type`` and are VP (DDPM-family) schedulers unless ``use_flow_sigmas=True``. In order:
+
+    1. the class (the object's, one of its bases', or the config's ``_class_name``) is ``FlowMatch*``;
+    2. ``use_flow_sigmas=True`` (DPM-Solver, UniPC, DEIS, SA-Solver on flow sigmas ``s``, ``t = s T``);
+    3. ``prediction_type == "flow_prediction"``;
+    4. otherwise a config with VP semantics (``beta_*``, ``trained_betas``, ``alphas_cumprod``) or a
+       named non-``FlowMatch`` class is VP; only a bare mapping without them and with ``shift``
+       (a ``FlowMatch*`` config whose ``_class_name`` was dropped) is taken for flow matching.
+    """
+    config, names = _config_and_names(config)
+    flow_cls = next((n for n in names if n.startswith("FlowMatch") or n.startswith("LMLFlowMatch")), None)
+    if flow_cls is not None:
+        return f"class {flow_cls}"
+    if config.get("use_flow_sigmas", False):
+        return "use_flow_sigmas=True"
+    if config.get("prediction_type") == "flow_prediction":
+        return "prediction_type='flow_prediction'"
+    if names or any(k in config for k in _VP_KEYS):
+        return None
+    if "shift" in config:
+        return "a 'shift' entry and no beta schedule"
+    return None
+
+
 def schedule_from_config(config: Mapping[str, Any] | Any) -> NoiseSchedule:
-    """A schedule for a diffusers scheduler (or its config): flow matching or discrete VP."""
-    cfg = config.config if hasattr(config, "config") and not isinstance(config, Mapping) else config
-    name = str(cfg.get("_class_name", ""))
-    if "FlowMatch" in name or "shift" in cfg:
-        return FlowMatchingSchedule.from_config(cfg)
-    return DiscreteVPSchedule.from_config(cfg)
+    """A schedule for a diffusers scheduler (or its config): flow matching or discrete VP.
+
+    Which one is decided by :func:`flow_matching_reason` (the class, ``use_flow_sigmas``,
+    ``prediction_type``), so that DPM-Solver / UniPC / DEIS configs, which carry
+    ``use_dynamic_shifting`` and ``flow_shift`` options, are read as the VP schedules they are.
+    """
+    if flow_matching_reason(config) is not None:
+        return FlowMatchingSchedule.from_config(config)
+    return DiscreteVPSchedule.from_config(config)
