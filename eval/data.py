@@ -146,8 +146,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.base_seed = int(base_seed)
         self.check = check
 
+        # absolute paths: files= lists from a relative root (e.g. another dataset's .files) are not
+        # joined to the root a second time, and the results do not depend on the working directory
+        root_abs = self.root.absolute()
+        self._root_abs = root_abs
         if files is None:
-            candidates = list_image_files(self.root, recursive=recursive, order=order)
+            candidates = list_image_files(root_abs, recursive=recursive, order=order)
             if not candidates:
                 raise ValueError(
                     f"no image files found in {self.root} (looked for extensions "
@@ -156,7 +160,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         else:
             if not self.root.is_dir():
                 raise FileNotFoundError(f"image folder {self.root} does not exist or is not a folder")
-            candidates = [p if Path(p).is_absolute() else self.root / p for p in map(Path, files)]
+            candidates = [p if p.is_absolute() else root_abs / p for p in map(Path, files)]
             missing = [str(p) for p in candidates if not p.is_file()]
             if missing:
                 raise FileNotFoundError(f"listed image files do not exist: {', '.join(missing[:5])}"
@@ -201,7 +205,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """File name of item ``i`` relative to ``root`` (POSIX), or its absolute path if outside."""
         path = self.files[i]
         try:
-            return path.relative_to(self.root).as_posix()
+            return path.relative_to(self._root_abs).as_posix()
         except ValueError:
             return path.as_posix()
 
