@@ -249,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
         to_rgb_uint8,
     )
     from hessdiff.tasks import load_preset, make_task
+    from hessdiff.tasks.task import resolution_defaults
     from hessdiff.utils.images import load_image, to_uint8_array
 
     t_start = time.perf_counter()
@@ -291,11 +292,16 @@ def run(args: argparse.Namespace) -> int:
         x, note = _fit_image(x, int(model.resolution), args.no_resize, source)
         if note:
             say(note)
+        if not args.preset:  # geometric defaults (box, scale, kernel) follow the model's resolution
+            scaled = {k: v for k, v in resolution_defaults(task.name, int(model.resolution)).items()
+                      if k not in params}
+            if scaled:
+                task = make_task(task.name, **{**scaled, **params})
         m = task.measure(x, seed=args.seed)
         if m.y.ndim != 4 or m.y.shape[1] not in (1, 3):
             raise CLIError(f"the measurement of task {task.name!r} has shape {list(m.y.shape)}, not an image")
         kind = "latent" if model.is_latent else "pixel"
-        shown_params = ", ".join(f"{k}={v}" for k, v in m.params.items() if k in params or k == "sigma_y")
+        shown_params = ", ".join(f"{k}={v}" for k, v in m.params.items())
         say(f"model {source} ({kind} space, images {model.channels}x{model.resolution}x{model.resolution}) "
             f"on {device.type} {str(dtype).replace('torch.', '')}")
         say(f"task {m.label or m.task} ({shown_params}), seed {args.seed}: {list(x.shape)} -> {list(m.y.shape)}")

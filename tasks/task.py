@@ -346,6 +346,41 @@ def task_parameters(name: str) -> dict[str, Any]:
     return out
 
 
+#: the image side the geometric task defaults (box 128, x4, 61-pixel kernels) were chosen for
+DEFAULTS_RESOLUTION = 256
+
+
+def resolution_defaults(name: str, resolution: int) -> dict[str, Any]:
+    """Geometric default parameters of task ``name`` scaled to ``resolution`` x ``resolution`` images.
+
+    The signature defaults are those of the 256x256 papers (box 128 = half the side, x4
+    super-resolution, 61-pixel blur kernels with std 3); for other resolutions the box stays half
+    the side, super-resolution is x2 below 256 (x4 from 256 on) and blur kernels scale with the
+    side (odd, at least 5 pixels; std at least 1). Returns only the parameters that differ from
+    the signature defaults (an empty dict at 256).
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_BUILDERS))}")
+    r = int(resolution)
+    if r <= 0:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    if r == DEFAULTS_RESOLUTION:
+        return {}
+    f = r / DEFAULTS_RESOLUTION
+    if name == "box_inpainting":
+        return {"box_size": max(1, r // 2)}
+    if name == "super_resolution":
+        return {"scale": 4 if r >= DEFAULTS_RESOLUTION else 2}
+    if name in ("gaussian_blur", "motion_blur"):
+        k = max(5, int(round(61 * f)))
+        k += 1 - k % 2  # odd
+        out: dict[str, Any] = {"kernel_size": k}
+        if name == "gaussian_blur":
+            out["std"] = max(1.0, round(3.0 * f, 3))
+        return out
+    return {}
+
+
 def make_task(name: str, label: str = "", **params: Any) -> Task:
     """Build the task ``name`` from :data:`TASKS` with keyword ``params``.
 

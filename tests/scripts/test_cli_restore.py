@@ -327,7 +327,7 @@ def test_bad_input_fails_cleanly(case, message, tmp_path, digit_png, pixel_model
         Image.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(big)
         image, extra = str(big), ["--no-resize"]
     elif case == "box-too-large":
-        task = ["--task", "box_inpainting"]  # default 128x128 box in a 32x32 image
+        task = ["--task", "box_inpainting", "--param", "box_size=40"]  # a 40x40 box in a 32x32 image
     elif case == "latent-method-on-pixel-model":
         extra = ["--method", "psld"]
     elif case == "out-under-a-file":
@@ -352,6 +352,24 @@ def test_bad_input_fails_cleanly(case, message, tmp_path, digit_png, pixel_model
     assert message in err and "Traceback" not in err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("task, expect", [("box-inpainting", {"box_size": 16}), ("super-resolution", {"scale": 2}),
+                                          ("gaussian-blur", {"kernel_size": 9, "std": 1.0})])
+def test_task_defaults_follow_the_model_resolution(task, expect, tmp_path, digit_png, pixel_model_dir, capsys):
+    out = tmp_path / "o"
+    rc = _main(str(digit_png), "--task", task, "--model", str(pixel_model_dir), "--out", str(out),
+               "--steps", "2", "--device", "cpu")
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    m = load_measurement(out / "measurement.pt")
+    assert {k: m.params[k] for k in expect} == expect
+    line = next(s for s in captured.out.splitlines() if s.startswith("task "))
+    assert all(f"{k}={v}" in line for k, v in expect.items())  # the parameters used are printed
+    # an explicit --param still wins
+    assert _main(str(digit_png), "--task", "box-inpainting", "--param", "box_size=6", "--model", str(pixel_model_dir),
+                 "--out", str(tmp_path / "o2"), *FAST) == 0
+    assert load_measurement(tmp_path / "o2" / "measurement.pt").params["box_size"] == 6
 
 
 def test_unwritable_output_folder(tmp_path, digit_png, pixel_model_dir, monkeypatch, capsys):
