@@ -55,11 +55,23 @@ EMBEDDED_FAMILIES: dict[str, str] = {"mnist": "mnist", "mnist-ddpm": "mnist", "m
 
 
 def model_family(source: str | None) -> str | None:
-    """The family of a model named ``source`` (an embedded name, with or without ``hessdiff/``)."""
+    """The family of a model named ``source``: an embedded name (with or without ``hessdiff/``), or the
+    path of an embedded model's folder (as a pipeline loaded from it records in ``name_or_path``)."""
     if not source:
         return None
     name = str(source).removeprefix("hessdiff/")
-    return EMBEDDED_FAMILIES.get(name)
+    if name in EMBEDDED_FAMILIES:
+        return EMBEDDED_FAMILIES[name]
+    from pathlib import Path
+
+    from .models import assets_path
+
+    try:
+        path = Path(name).resolve()
+        inside = path.parent == (assets_path() / "models").resolve()
+    except (OSError, ValueError):
+        return None
+    return EMBEDDED_FAMILIES.get(path.name) if inside else None
 
 
 def method_defaults(method: str, family: str | None = None, row: str | None = None) -> dict[str, Any]:

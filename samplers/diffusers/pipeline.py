@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel, UN
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
-from ..defaults import DEFAULTS
+from ..defaults import DEFAULTS, method_defaults, model_family
 from ..denoiser import UNetDenoiser
 from ..guidance import LATENT_METHODS, POSTERIOR_SAMPLERS, Cost
 from ..solvers import randn_like
@@ -260,7 +260,10 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         y, op = self._resolve_task(measurement, task)
         if not bool(torch.isfinite(y).all()):
             raise ValueError("the measurement contains NaN or Inf")
-        steps = DEFAULT_STEPS[method] if num_inference_steps is None else int(num_inference_steps)
+        # the defaults table's row for this model (the embedded models' own rows when loaded from their folders)
+        defaults = method_defaults(method, model_family(getattr(self, "name_or_path", None)))
+        steps = int(defaults.pop("steps")) if num_inference_steps is None else int(num_inference_steps)
+        defaults.pop("steps", None)
         batch = int(num_samples) if num_samples is not None else int(y.shape[0])
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for {batch} samples")
@@ -285,7 +288,7 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         grid = denoiser.schedule.grid(steps, spacing, final="diffusers")
         x = float(grid.sigma[0]) * randn_like(torch.empty(shape, dtype=torch.float32, device=device), generator)
 
-        opts = {**DEFAULT_METHOD_OPTIONS[method], **(method_kwargs or {})}
+        opts = {**defaults, **(method_kwargs or {})}
         fn = POSTERIOR_SAMPLERS[method]
         args: list[Any] = [denoiser, op, y.to(device=device, dtype=torch.float32), x, grid]
         if latent:
