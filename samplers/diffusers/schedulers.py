@@ -15,13 +15,17 @@ Three subclasses of diffusers' own schedulers; the correction math lives in
 * :class:`LMLFlowMatchEulerDiscreteScheduler` (``FlowMatchEulerDiscreteScheduler``): the velocity
   is corrected before the stock ``step``, ``x_next = x + dt LML(v)``.
 
-Each adds three config entries, registered through diffusers' ``register_to_config`` so that
+Each adds these config entries, registered through diffusers' ``register_to_config`` so that
 ``LMLDDIMScheduler.from_config(pipe.scheduler.config, lamb=1e-3)``, ``save_pretrained`` /
 ``from_pretrained`` and ``compatibles`` work as for the stock class:
 
 * ``lamb`` (> 0): the damping ``lambda`` (default ``1e-3``, the published Stable Diffusion value);
 * ``kappa`` (in ``[0, 1]``): the history weight (published: 0);
 * ``precision``: ``"float32"`` (the published arithmetic) or ``"float64"`` (the exact operator);
+* ``saturated``: what happens where the published map is saturated (``lamb`` below the resolution of
+  ``|g|^2`` in the map's precision, see *Saturation* below): ``"keep"`` (default: that sample's update is
+  left uncorrected, i.e. the stock scheduler's, and counted), ``"published"`` (the released arithmetic
+  there too; only samples where it gives 0/0 are left uncorrected) or ``"raise"`` (``FloatingPointError``);
 * ``lml_variant``: ``"published"`` (default: the rank-one map above) or ``"secant"``: the zero-NFE
   second-order variant of :class:`~hessdiff.samplers.lml.HessianStepCorrection` (secant curvature of
   consecutive steps, local-Gaussian step, gain-ratio damping, radial direction left to the base
@@ -37,6 +41,35 @@ What the published correction does (see :class:`~hessdiff.samplers.lml.LMLCorrec
 ``kappa = 0`` it is the identity in exact arithmetic, and in float32 it adds rounding noise of
 relative size about ``3.4e-8 |g|^2 / lamb`` per step.
 
+Saturation (zero-terminal-SNR schedules, large samples). The published map is *saturated* for a sample
+when ``lamb`` is below the resolution of ``|g|^2`` in the map's precision (``lamb + |g|^2 == |g|^2``; in
+float32 about ``|g|^2 > 1.7e7 lamb``): ``g - g |g|^2 / (lamb + |g|^2)`` is then pure rounding residue and
+the released code returns 0/0, or that residue rescaled to ``|g|`` (a few spikes as large as the whole
+update), whatever ``lamb`` is (with ``kappa > 0`` the map there no longer depends on ``lamb`` either, and
+is treated the same). DDIM's corrected noise estimate has ``|g|^2`` of about the number of sample
+elements (3.7e4 for a 4x96x96 latent, above ``1.7e4`` at ``lamb = 1e-3``), and at a zero-terminal-SNR first
+step (``rescale_betas_zero_snr=True`` with a grid starting at ``T - 1``, v-prediction) it is exactly
+``x_T``; DPM-Solver's increment with epsilon prediction divides by ``alpha_T`` there. The drop-ins
+
+* warn at ``set_timesteps`` when the grid starts at zero SNR (``alphas_cumprod < 1e-6`` at the first
+  timestep) and ``precision="float32"``, naming what to do: ``precision="float64"`` (the exact operator,
+  the identity for ``kappa = 0``) or a larger ``lamb``;
+* never crash mid-run by default: with ``saturated="keep"`` a saturated sample's update is left
+  uncorrected (the value of the exact operator for ``kappa = 0``), and in every mode a sample whose map
+  gives 0/0 is left uncorrected rather than turned into NaN (``saturated="raise"`` raises instead);
+* count both per sampling run (reset by ``set_timesteps``): :attr:`lml_saturated_count` (saturated
+  sample-steps) and :attr:`lml_nonfinite_count` (sample-steps where the map gave 0/0), and warn once per run
+  when either happens. Unsaturated steps keep the published arithmetic bit for bit.
+
+Saving and loading pipelines. ``save_pretrained`` of a pipeline records a drop-in in ``model_index.json``
+as ``["hessdiff.samplers.diffusers.schedulers", "LMLDDIMScheduler"]`` (its module path). diffusers
+resolves such an entry from ``sys.modules`` only (it never imports a module a repository names) and then
+looks for its loadable base classes (``SchedulerMixin``) *in that module*; this module therefore exposes
+``SchedulerMixin``, and ``DDPMPipeline.from_pretrained(dir)`` / ``DiffusionPipeline.from_pretrained(dir)``
+/ ``from_pretrained(dir, scheduler=...)`` give back the drop-in with its ``lamb`` etc. once this module
+is imported (``import hessdiff.samplers.diffusers.schedulers``, or ``from hessdiff import
+LMLDDIMScheduler``); in a process that has not imported it, diffusers says to import it.
+
 Checked against diffusers 0.42.1 (the update-function signatures ``fn(model_output(s), *,
 sample, noise)`` exist since diffusers 0.22).
 """
@@ -44,17 +77,29 @@ sample, noise)`` exist since diffusers 0.22).
 from __future__ import annotations
 
 import inspect
+import os
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+# SchedulerMixin must be an attribute of this module: diffusers' loader looks up the loadable base classes
+# of a model_index.json entry ["hessdiff.samplers.diffusers.schedulers", "LML..."] in the entry's module
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SchedulerMixin,  # noqa: F401
+)
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor
 
 from ..denoiser import Prediction
 from ..lml import PRECISIONS, HessianStepCorrection, LMLCorrection
 from ..lml import check_lamb_kappa as _check_lamb_kappa
+from ..lml.lowrank import flat
 from ..loop import Proposal
 
 __all__ = [
@@ -65,13 +110,36 @@ __all__ = [
     "lml_scheduler_from",
     "LML_CONFIG_DEFAULTS",
     "LML_VARIANTS",
+    "ZERO_SNR_ALPHAS_CUMPROD",
+    "SATURATED",
 ]
 
 #: the config entries every LML scheduler adds to its base class's
-LML_CONFIG_DEFAULTS: dict[str, Any] = {"lamb": 1e-3, "kappa": 0.0, "precision": "float32", "lml_variant": "published"}
+LML_CONFIG_DEFAULTS: dict[str, Any] = {"lamb": 1e-3, "kappa": 0.0, "precision": "float32", "lml_variant": "published",
+                                       "saturated": "keep"}
 
 #: ``lml_variant`` values: the published rank-one map, or the zero-NFE secant Gaussian step
 LML_VARIANTS = ("published", "secant")
+
+#: ``saturated`` values: leave saturated samples uncorrected, apply the released arithmetic, or raise
+SATURATED = ("keep", "published", "raise")
+
+#: ``set_timesteps`` warns when the grid's first ``alphas_cumprod`` is below this (zero terminal SNR)
+ZERO_SNR_ALPHAS_CUMPROD = 1e-6
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside this module and diffusers (the user's loop or pipeline)."""
+    import diffusers
+
+    skip = (os.path.abspath(__file__), os.path.dirname(os.path.abspath(diffusers.__file__)) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if name != skip[0] and not name.startswith(skip[1]):
+            break
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _lml_init(base: type, defaults: dict[str, Any]) -> Callable[..., None]:
@@ -94,22 +162,37 @@ def _lml_init(base: type, defaults: dict[str, Any]) -> Callable[..., None]:
 
 
 class _LMLMixin:
-    """Shared state: one :class:`LMLCorrection` per scheduler, reset in ``set_timesteps``."""
+    """Shared state: one :class:`LMLCorrection` per scheduler, reset in ``set_timesteps``, and the
+    saturation counters of the current sampling run."""
 
     config: Any
     _lml: LMLCorrection
+    #: sample-steps of this run where ``lamb + |g|^2 == |g|^2`` in the correction's precision (saturated map)
+    lml_saturated_count: int = 0
+    #: sample-steps of this run where the published map gave 0/0 (left uncorrected)
+    lml_nonfinite_count: int = 0
 
-    def _lml_setup(self, lamb: float, kappa: float, precision: str, lml_variant: str = "published") -> None:
+    def _lml_setup(self, lamb: float, kappa: float, precision: str, lml_variant: str = "published",
+                   saturated: str = "keep") -> None:
         _check_lamb_kappa(lamb, kappa)
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
         if lml_variant not in LML_VARIANTS:
             raise ValueError(f"unknown lml_variant {lml_variant!r}; expected one of {LML_VARIANTS}")
-        self._lml = LMLCorrection(float(lamb), float(kappa), precision)
+        if saturated not in SATURATED:
+            raise ValueError(f"unknown saturated policy {saturated!r}; expected one of {SATURATED}")
+        # 0/0 never becomes NaN mid-run: those samples keep their update (counted below)
+        self._lml = LMLCorrection(float(lamb), float(kappa), precision, nonfinite="keep")
         # radial="exclude": on a trained network the Hessian-step variants that trust the Jacobian along x
         # destroy the samples (hessdiff bench lml --parts embedded); the drop-ins only ever run networks
         self._secant = HessianStepCorrection("secant", 1, adaptive=True, precision="float64", radial="exclude") \
             if lml_variant == "secant" else None
+        self._lml_reset_counts()
+
+    def _lml_reset_counts(self) -> None:
+        self.lml_saturated_count = 0
+        self.lml_nonfinite_count = 0
+        self._lml_warned = False
 
     def _secant_step(self, g: Tensor, scale: float, x: Tensor, x0: Tensor, eps: Tensor, alpha: float, sigma: float,
                      alpha_next: float, sigma_next: float) -> Tensor:
@@ -128,14 +211,77 @@ class _LMLMixin:
         return torch.float64 if self._lml.precision == "float64" else torch.float32
 
     def _lml_apply(self, g: Tensor) -> Tensor:
-        """The correction of ``g`` in :attr:`lml_dtype` (the result stays in that dtype)."""
-        return self._lml(g.to(self.lml_dtype))
+        """The correction of ``g`` in :attr:`lml_dtype` (the result stays in that dtype), with the
+        ``saturated`` policy; counts, and warns once per run about, saturated and 0/0 samples."""
+        g = g.to(self.lml_dtype)
+        lamb = float(self.config.lamb)
+        policy = self.config.get("saturated", "keep")
+        n2 = (flat(g) * flat(g)).sum(1)  # the published map's |g|^2, in its precision
+        saturated = (n2 + lamb) == n2  # lamb below the resolution of |g|^2: the map's output is rounding residue
+        n_sat = int(saturated.sum())
+        if n_sat and policy == "raise":
+            raise FloatingPointError(
+                f"{type(self).__name__}: the published LML map is saturated for {n_sat} of {g.shape[0]} sample(s): "
+                f"|g|^2 up to {float(n2.max()):.3g} puts lamb={lamb:g} below the {self._lml.precision} resolution of "
+                f"|g|^2; use precision='float64' or a lamb well above {float(n2.max()) * 2.0**-24:.2g} "
+                "(or saturated='keep' to leave such samples uncorrected)")
+        finite_in = int(torch.isfinite(flat(g)).all(1).sum())
+        before = getattr(self._lml, "nonfinite_count", 0)
+        out = self._lml(g)
+        # rows that were already NaN/Inf come back unchanged and are not the map's doing
+        n_bad = getattr(self._lml, "nonfinite_count", 0) - before - (g.shape[0] - finite_in)
+        if n_sat and policy == "keep":
+            out = torch.where(saturated.reshape((-1,) + (1,) * (g.ndim - 1)), g, out)
+        if n_sat or n_bad > 0:
+            self.lml_saturated_count += n_sat
+            self.lml_nonfinite_count += max(n_bad, 0)
+            if not getattr(self, "_lml_warned", False):
+                self._lml_warned = True
+                what = ("left uncorrected (saturated='keep')" if policy == "keep" else
+                        "given the released arithmetic (saturated='published'), rounding noise as large as the "
+                        f"update; {max(n_bad, 0)} gave 0/0 and were left uncorrected")
+                warnings.warn(
+                    f"{type(self).__name__}: the published LML map is saturated for {n_sat} of {g.shape[0]} "
+                    f"sample(s) at this step (|g|^2 up to {float(n2.max()):.3g} puts lamb={lamb:g} below the "
+                    f"{self._lml.precision} resolution of |g|^2): {what}. To correct them use precision='float64' "
+                    f"(the exact operator) or a lamb well above |g|^2 * 2^-24 = {float(n2.max()) * 2.0**-24:.2g}; "
+                    "this run's counts are in lml_saturated_count / lml_nonfinite_count.",
+                    UserWarning, stacklevel=_caller_stacklevel())
+        return out
+
+    def _lml_first_alphas_cumprod(self) -> float | None:
+        """``alphas_cumprod`` at the first timestep of the grid (``None`` where not defined)."""
+        return None
+
+    def _lml_check_zero_snr(self) -> None:
+        if self._secant is not None or self._lml.precision != "float32":
+            return
+        abar = self._lml_first_alphas_cumprod()
+        if abar is None or abar >= ZERO_SNR_ALPHAS_CUMPROD:
+            return
+        lamb = float(self.config.lamb)
+        then = {"keep": "are left uncorrected (saturated='keep')",
+                "published": "get the released arithmetic (saturated='published'; 0/0 ones are left uncorrected)",
+                "raise": "raise FloatingPointError (saturated='raise')"}[self.config.get("saturated", "keep")]
+        warnings.warn(
+            f"{type(self).__name__}: this grid starts at zero terminal SNR (alphas_cumprod = {abar:.3g} at timestep "
+            f"{int(self.timesteps[0])}; rescale_betas_zero_snr={self.config.get('rescale_betas_zero_snr', False)}). "
+            "There the update the published float32 LML map corrects is large (DDIM: the noise estimate, x_T itself "
+            "with v-prediction, |g|^2 about the number of sample elements; DPM-Solver with epsilon prediction: the "
+            "x0 estimate divided by alpha_T) and the map saturates once |g|^2 > lamb * 2^24 "
+            f"= {lamb * 2.0**24:.3g} (lamb={lamb:g}): its output is then rounding residue, or 0/0, whatever lamb is. "
+            "To correct these steps use precision='float64' (the exact operator) or a larger lamb (above "
+            f"|g|^2 / 1.7e7). Saturated samples {then}; this run counts them in lml_saturated_count "
+            "(0/0 ones in lml_nonfinite_count).",
+            UserWarning, stacklevel=_caller_stacklevel())
 
     def set_timesteps(self, *args: Any, **kwargs: Any) -> Any:
         out = super().set_timesteps(*args, **kwargs)  # type: ignore[misc]
         self._lml.reset()
         if self._secant is not None:
             self._secant.reset()
+        self._lml_reset_counts()
+        self._lml_check_zero_snr()
         return out
 
 
@@ -145,16 +291,26 @@ class LMLDDIMScheduler(_LMLMixin, DDIMScheduler):
     Works with every ``prediction_type`` DDIM supports (``epsilon``, ``sample``, ``v_prediction``),
     with ``eta > 0``, clipping and ``use_clipped_model_output`` (the corrected quantity is the
     ``pred_epsilon`` that diffusers' DDIM puts in the direction term).
+
+    Zero terminal SNR (``rescale_betas_zero_snr=True``, ``timestep_spacing="trailing"``): the first
+    noise estimate is ``x_T`` itself (v-prediction), ``|g|^2`` about the number of sample elements, so
+    at ``lamb = 1e-3`` a latent of more than about 17,000 elements saturates the float32 map.
+    ``set_timesteps`` warns; saturated samples take the stock DDIM step (``saturated="keep"``,
+    counted in :attr:`lml_saturated_count`); ``precision="float64"`` corrects them exactly.
     """
 
     __init__ = _lml_init(DDIMScheduler, LML_CONFIG_DEFAULTS)
 
-    def _lml_setup(self, lamb: float, kappa: float, precision: str, lml_variant: str = "published") -> None:
+    def _lml_setup(self, lamb: float, kappa: float, precision: str, lml_variant: str = "published",
+                   saturated: str = "keep") -> None:
         pt = self.config.prediction_type
         if pt not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"LMLDDIMScheduler: unsupported prediction_type {pt!r}; DDIM supports "
                              "'epsilon', 'sample', 'v_prediction'")
-        super()._lml_setup(lamb, kappa, precision, lml_variant)
+        super()._lml_setup(lamb, kappa, precision, lml_variant, saturated)
+
+    def _lml_first_alphas_cumprod(self) -> float | None:
+        return float(self.alphas_cumprod[int(self.timesteps[0])])
 
     def step(
         self,
@@ -210,16 +366,30 @@ class LMLDPMSolverMultistepScheduler(_LMLMixin, DPMSolverMultistepScheduler):
     ``algorithm_type="dpmsolver"`` (noise prediction; the LML paper's CIFAR-10 base with
     ``solver_order=3``) and ``"dpmsolver++"``, orders 1--3, midpoint or heun; the SDE variants are
     not supported (the released code does not correct them).
+
+    Zero terminal SNR (``rescale_betas_zero_snr=True``; diffusers clamps ``alphas_cumprod[-1]`` to
+    ``2^-24``): ``set_timesteps`` warns when the grid starts there. With epsilon prediction the first
+    increments carry the ``x0`` estimate divided by ``alpha_T = 2^-12`` (``|g|^2`` far above
+    ``1.7e7 lamb``); saturated samples take the stock DPM-Solver step (``saturated="keep"``, counted in
+    :attr:`lml_saturated_count`), ``saturated="published"`` gives the released rounding residue instead,
+    ``saturated="raise"`` stops; ``precision="float64"`` corrects them exactly.
     """
 
     __init__ = _lml_init(DPMSolverMultistepScheduler, LML_CONFIG_DEFAULTS)
 
-    def _lml_setup(self, lamb: float, kappa: float, precision: str, lml_variant: str = "published") -> None:
+    def _lml_setup(self, lamb: float, kappa: float, precision: str, lml_variant: str = "published",
+                   saturated: str = "keep") -> None:
         algo = self.config.algorithm_type
         if algo not in ("dpmsolver", "dpmsolver++"):
             raise ValueError(f"LMLDPMSolverMultistepScheduler: unsupported algorithm_type {algo!r}; the LML "
                              "correction is defined for 'dpmsolver' and 'dpmsolver++'")
-        super()._lml_setup(lamb, kappa, precision, lml_variant)
+        super()._lml_setup(lamb, kappa, precision, lml_variant, saturated)
+
+    def _lml_first_alphas_cumprod(self) -> float | None:
+        if self.config.get("use_flow_sigmas", False):
+            return None
+        alpha, _ = self._sigma_to_alpha_sigma_t(self.sigmas[0])
+        return float(alpha) ** 2
 
     def _lml_split(self, fn: Callable[..., Tensor], outputs: Any, args: tuple, sample: Tensor | None,
                    noise: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
@@ -267,7 +437,9 @@ class LMLDPMSolverMultistepScheduler(_LMLMixin, DPMSolverMultistepScheduler):
 class LMLFlowMatchEulerDiscreteScheduler(_LMLMixin, FlowMatchEulerDiscreteScheduler):
     """``FlowMatchEulerDiscreteScheduler`` with the published LML correction of the velocity
     (the released FLUX setting used ``lamb = 1e-2``). The output keeps the model output's dtype,
-    as the stock scheduler does."""
+    as the stock scheduler does. Saturated samples (``|v|^2 > 1.7e7 lamb`` in float32, e.g. large
+    latents) take the stock Euler step (``saturated="keep"``, counted in :attr:`lml_saturated_count`,
+    one warning per run); there is no zero-SNR warning, every flow grid starts at ``sigma = 1``."""
 
     __init__ = _lml_init(FlowMatchEulerDiscreteScheduler, LML_CONFIG_DEFAULTS)
     _compatibles = ["FlowMatchEulerDiscreteScheduler"]
