@@ -260,6 +260,32 @@ def make_autoencoder(model: Any) -> Any:
 
 
 # ================================================================================ output folders
+def task_name(name: str) -> str:
+    """The registered task for a CLI task name: ``gaussian-blur`` and ``gaussian_blur`` are the same task."""
+    from hessdiff.tasks import TASKS
+    from hessdiff.utils.suggest import did_you_mean
+
+    if name in TASKS:
+        return name
+    alt = name.replace("-", "_")
+    if alt in TASKS:
+        return alt
+    known = [n.replace("_", "-") for n in TASKS]
+    hint = did_you_mean(name.replace("_", "-"), known)
+    raise CLIError(f"unknown task {name!r}; known tasks: {', '.join(known)}{hint}")
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse an output folder that is a file or lies under a file (before anything is computed)."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder")
+    p = out
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"cannot create the output folder {out}: {p} is a file, not a folder")
+
+
 class OutputDir:
     """An output folder checked before any work and written all-or-nothing.
 
@@ -290,6 +316,11 @@ class OutputDir:
             if existing:
                 shown = ", ".join(existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
                 raise CLIError(f"refusing to overwrite {shown}; choose another --out or pass --overwrite")
+        if out.is_dir():  # every target is checked before anything is written
+            folders = [str(self.target(n)) for n in self.names if self.target(n).is_dir()]
+            if folders:
+                raise CLIError(f"cannot write {', '.join(folders)}: a folder of that name is in the way "
+                               "(remove or rename it, or choose another --out)")
         # create the missing folders (remembered so that a failed run removes them again)
         missing: list[Path] = []
         p = out
@@ -328,7 +359,7 @@ class OutputDir:
         targets = {self.target(n): w for n, w in writers.items()}
         try:
             atomic_write_many(targets, overwrite=self.overwrite)
-        except FileExistsError as exc:
+        except (FileExistsError, IsADirectoryError) as exc:
             raise CLIError(str(exc)) from exc
         return list(targets)
 

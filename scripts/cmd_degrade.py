@@ -85,17 +85,16 @@ def run(args: argparse.Namespace) -> int:
         existing = [str(t) for t in targets if t.exists()]
         if existing:
             raise CLIError(f"refusing to overwrite {', '.join(existing)}; choose another --out or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a folder")
+    from hessdiff.scripts._common import check_output_folder, parse_key_values, png_writer, task_name
 
-    from hessdiff.scripts._common import parse_key_values, png_writer
+    check_output_folder(out)
 
     params = parse_key_values(args.param, "--param")
     try:
         if args.preset:
             task = load_preset(args.preset).task(args.task, **params)
         else:
-            task = make_task(args.task, **params)
+            task = make_task(task_name(args.task), **params)
         x = load_image(args.image)
         m = task.measure(x, seed=args.seed)
     except RuntimeError as exc:
@@ -115,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         atomic_write_many({targets[0]: write_pt, targets[1]: png_writer(picture)}, overwrite=args.overwrite)
-    except FileExistsError as exc:
+    except (FileExistsError, IsADirectoryError) as exc:
+        if created and not any(out.iterdir()):
+            out.rmdir()
         raise CLIError(str(exc)) from exc
     except BaseException:
         if created and not any(out.iterdir()):

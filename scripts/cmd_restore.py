@@ -168,14 +168,9 @@ def restore_image(
 
 # ================================================================================ command
 def _task_name(name: str) -> str:
-    from hessdiff.tasks import TASKS
+    from hessdiff.scripts._common import task_name
 
-    if name in TASKS:
-        return name
-    alt = name.replace("-", "_")
-    if alt in TASKS:
-        return alt
-    raise CLIError(f"unknown task {name!r}; known tasks: {', '.join(n.replace('_', '-') for n in TASKS)}")
+    return task_name(name)
 
 
 def _fit_image(x: Tensor, resolution: int, no_resize: bool, source: str) -> tuple[Tensor, str | None]:

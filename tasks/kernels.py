@@ -7,6 +7,7 @@ summing to one (a file kernel is normalised unless asked not to be).
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -191,8 +192,12 @@ def load_kernel(path: str | Path, normalize: bool = True) -> Tensor:
 
             with Image.open(p) as im:
                 k = torch.from_numpy(np.asarray(im.convert("F"), dtype=np.float64).copy())
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refusing pickled objects
+        raise ValueError(f"cannot read a kernel from {p}: the file holds pickled Python objects, not only a tensor, "
+                         "and is not loaded (unsafe); save the kernel with torch.save(tensor) or as .npy") from exc
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"cannot read a kernel from {p}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot read a kernel from {p}: {first}") from exc
     k = k.to(torch.float64)
     if k.ndim == 3 and k.shape[0] == 1:
         k = k[0]

@@ -138,6 +138,7 @@ def atomic_write_many(files: Mapping[str | os.PathLike, Content], *, overwrite: 
 
     Raises:
         FileExistsError: a target exists and ``overwrite`` is false; nothing was written.
+        IsADirectoryError: a target is an existing folder; nothing was written.
         ValueError: the same target is given twice.
     """
     targets = [Path(p) for p in files]
@@ -147,6 +148,11 @@ def atomic_write_many(files: Mapping[str | os.PathLike, Content], *, overwrite: 
         existing = [t for t in targets if t.exists() or t.is_symlink()]
         if existing:
             raise _refusal(existing)
+    # checked before anything is written: a folder in the way would fail the rename after others were replaced
+    folders = [t for t in targets if t.is_dir() and not t.is_symlink()]
+    if folders:
+        raise IsADirectoryError(f"cannot write {', '.join(map(str, folders))}: a folder of that name is in the way; "
+                                "nothing was written")
     temps: list[Path] = []
     placed: list[Path] = []
     try:

@@ -408,6 +408,21 @@ def test_existing_outputs_are_kept_without_overwrite(tmp_path, digit_png, pixel_
     assert _main(*args, "--overwrite") == 0
 
 
+def test_overwrite_with_a_folder_among_the_targets_replaces_nothing(tmp_path, digit_png, pixel_model_dir, capsys):
+    out = tmp_path / "o"
+    args = (str(digit_png), "--task", "denoising", "--model", str(pixel_model_dir), "--out", str(out), *FAST)
+    assert _main(*args) == 0
+    (out / "metrics.json").unlink()
+    (out / "metrics.json").mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert _main(*args, "--overwrite", "--seed", "1") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.json" in err and "folder of that name is in the way" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert (out / "metrics.json").is_dir()
+
+
 def test_failures_during_the_run_leave_nothing(tmp_path, digit_png, pixel_model_dir, monkeypatch):
     out = tmp_path / "deep" / "out"
 

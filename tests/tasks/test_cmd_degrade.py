@@ -78,7 +78,7 @@ def test_refuses_to_overwrite(tmp_path, image):
     (["--task", "gaussian_blur", "--param", "kernel_size=8"], ValueError, "odd"),
     (["--task", "denoising", "--param", "sigma_y=-1"], ValueError, "non-negative"),
     (["--task", "mask_inpainting", "--param", "mask_path=MISSING"], FileNotFoundError, "mask file not found"),
-    (["--task", "blur"], ValueError, "unknown task"),
+    (["--task", "blur"], CLIError, "unknown task"),
     (["--task", "denoising", "--param", "oops"], CLIError, "KEY=VALUE"),
     (["--preset", "dps-256", "--task", "nope"], ValueError, "has no task 'nope'"),
 ])
@@ -139,3 +139,47 @@ def test_through_cli_main(tmp_path, image, monkeypatch, capsys):
                      "--out", str(tmp_path / "x")]) == 2
     assert "scale 7 does not divide the image size 40x36" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def _cli(*argv: str) -> int:
+    from hessdiff.scripts.cli import main
+
+    return main(["degrade", *argv])
+
+
+def test_dashed_task_names_are_accepted(tmp_path, image, capsys):
+    out = tmp_path / "out"
+    assert _cli(str(image), "--task", "gaussian-blur", "--param", "kernel_size=5", "--out", str(out)) == 0
+    assert load_measurement(out / "measurement.pt").task == "gaussian_blur"
+    assert _cli(str(image), "--task", "gausian-blur", "--out", str(tmp_path / "o2")) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'gaussian-blur'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o2").exists()
+
+
+def test_out_under_a_file_is_one_clear_error(tmp_path, image, capsys):
+    blocker = tmp_path / "somefile"
+    blocker.write_text("keep me")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert _cli(str(image), "--task", "denoising", "--out", str(blocker / "x")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "somefile is a file, not a folder" in err and "Traceback" not in err
+    assert blocker.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_pickled_kernel_file_is_one_clear_error(tmp_path, image, capsys):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(Payload()))
+    out = tmp_path / "out"
+    assert _cli(str(image), "--task", "kernel_blur", "--param", f"kernel={evil}", "--out", str(out)) == 2
+    captured = capsys.readouterr()
+    assert "pwned" not in captured.out
+    err = captured.err
+    assert err.count("\n") == 1 and "pickled Python objects" in err and "weights_only" not in err
+    assert not out.exists()

@@ -99,3 +99,13 @@ def test_temporary_files_are_recognised_and_removed(tmp_path):
     assert remove_temp_files(tmp_path, recursive=False) == 1 and left[1].exists()
     assert remove_temp_files(tmp_path) == 1 and not any(p.exists() for p in left)
     assert all(p.exists() for p in kept)
+
+
+def test_overwrite_with_a_folder_in_the_way_writes_nothing(tmp_path):
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "c.txt").mkdir()
+    with pytest.raises(IsADirectoryError, match="c.txt"):
+        atomic_write_many({tmp_path / "a.txt": "new a", tmp_path / "b.txt": "b", tmp_path / "c.txt": "c"},
+                          overwrite=True)
+    assert (tmp_path / "a.txt").read_text() == "old a" and not (tmp_path / "b.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "c.txt"]
