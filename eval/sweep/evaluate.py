@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from hessdiff.eval.sweep.images import _image_id, _ImageSet
+from hessdiff.eval.sweep.images import _ImageSet
 from hessdiff.utils.images import load_image, to_uint8
 
 __all__ = ["EVAL_METRICS", "evaluate_folders"]
@@ -23,7 +23,7 @@ def _pair_files(real: Any, fake: Any) -> list[tuple[int, int]]:
     """Pairs (real index, fake index): a fake file pairs with the real file of the same relative name
     (without extension), or whose name it extends with ``_s<seed>`` (sweep outputs)."""
     by_name = {f.rsplit(".", 1)[0]: i for i, f in enumerate(real.files)}
-    by_id = {_image_id(f): i for i, f in enumerate(real.files)}
+    by_id = {item_id: i for i, item_id in enumerate(real.ids)}
     pairs, unmatched = [], []
     for j, f in enumerate(fake.files):
         stem = f.rsplit(".", 1)[0]

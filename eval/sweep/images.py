@@ -15,10 +15,48 @@ import torch
 from hessdiff.eval.sweep.config import canonical_json
 from hessdiff.utils.images import from_uint8, to_uint8
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
 
-def _image_id(name: str) -> str:
-    stem = name.rsplit(".", 1)[0] if "." in Path(name).name else name
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", stem.replace("/", "__")).strip("._") or "image"
+
+def _stem(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in Path(name).name else name
+
+
+def _image_id(name: str, content_hash: str | None = None, *, keep_extension: bool = False) -> str:
+    """Item id of image file ``name`` (relative path): its stem with ``/`` as ``__``, when that is made
+    only of ``[A-Za-z0-9_.=+-]``; otherwise the sanitised stem plus ``-`` and the first 8 hex digits of
+    ``content_hash`` (the file's SHA-256), so that ``猫.png`` and ``犬.png`` stay two items."""
+    raw = (name if keep_extension else _stem(name)).replace("/", "__")
+    clean = _UNSAFE.sub("_", raw).strip("._") or "image"
+    if clean == raw or content_hash is None:
+        return clean
+    return f"{clean}-{content_hash[:8]}"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _unique_ids(files: list[str], hashes: list[str | None]) -> list[str]:
+    """Ids of ``files`` (see :func:`_image_id`); names that clash only by extension keep it; any other
+    clash is an error (two files must never become one item)."""
+    ids = [_image_id(f, h) for f, h in zip(files, hashes, strict=True)]
+    counts: dict[str, int] = {}
+    for i in ids:
+        counts[i] = counts.get(i, 0) + 1
+    ids = [i if counts[i] == 1 else _image_id(f, h, keep_extension=True) for i, f, h in zip(ids, files, hashes,
+                                                                                          strict=True)]
+    seen: dict[str, str] = {}
+    for i, f in zip(ids, files, strict=True):
+        if i in seen:
+            raise ValueError(f"image files {seen[i]!r} and {f!r} would get the same item id {i!r} (same content "
+                             "and names that differ only in characters outside [A-Za-z0-9_.=+-]); rename one")
+        seen[i] = f
+    return ids
 
 
 class _ImageSet:
@@ -52,8 +90,9 @@ class _ImageSet:
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             self.files = [ds.relative_name(i) for i in range(len(ds))]
             self._abs = list(ds.files)
-            sizes = [p.stat().st_size for p in ds.files]
-            self.digest = hashlib.sha256(canonical_json([[f, s] for f, s in zip(self.files, sizes,
+            # the content, not name + size: an image edited in place changes the sweep's identity
+            self.hashes: list[str | None] = [_file_sha256(p) for p in ds.files]
+            self.digest = hashlib.sha256(canonical_json([[f, h] for f, h in zip(self.files, self.hashes,
                                                                                 strict=True)]).encode()).hexdigest()
             self._check, self._recursive = check, recursive
         else:
@@ -67,11 +106,9 @@ class _ImageSet:
             u = to_uint8(x)
             self._uint8 = u.expand(-1, 3, -1, -1).contiguous() if u.shape[1] == 1 else u
             self.files = [f"{embedded}/{i:05d}" for i in range(u.shape[0])]
+            self.hashes = [None] * len(self.files)
             self.digest = hashlib.sha256(self._uint8.numpy().tobytes()).hexdigest()
-        ids = [_image_id(f) for f in self.files]
-        if len(set(ids)) != len(ids):  # e.g. a.png and a.jpg: keep the extensions
-            ids = [re.sub(r"[^A-Za-z0-9_.=+-]+", "_", f.replace("/", "__")) for f in self.files]
-        self.ids = ids
+        self.ids = _unique_ids(self.files, self.hashes)
         self.seeds = [base_seed + i for i in range(len(self.files))]
 
     def __len__(self) -> int:
