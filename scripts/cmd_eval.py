@@ -36,11 +36,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"), help="LPIPS backbone (default alex)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
+#: below these numbers of images FID / KID are strongly biased (FID needs more images than feature dims)
+FID_MIN_IMAGES = 2048
+KID_MIN_IMAGES = 100
+
+
+def _check_json_target(path_text: str, overwrite: bool) -> None:
+    """Refuse a --json target that cannot be written, before anything is computed."""
+    from pathlib import Path
+
+    from hessdiff.scripts.cli import CLIError
+
+    path = Path(path_text)
+    if path.is_dir():
+        raise CLIError(f"--json {path} is a folder; give a file name such as {path / 'metrics.json'}")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise CLIError(f"refusing to overwrite {path}; choose another --json file or pass --overwrite")
+    p = path.parent
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"cannot write --json {path}: {p} is a file, not a folder")
+
+
 def run(args: argparse.Namespace) -> int:
+    from hessdiff.scripts._common import parse_device
     from hessdiff.scripts.cli import CLIError
 
     metrics = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
@@ -49,14 +74,28 @@ def run(args: argparse.Namespace) -> int:
     bad = [m for m in metrics if m not in EVAL_METRICS]
     if bad or not metrics:
         raise CLIError(f"--metrics: unknown metric(s) {bad or metrics}; choose from {', '.join(EVAL_METRICS)}")
+    # ---- everything that can be checked before computing
+    device = parse_device(args.device)
+    if args.json_out:
+        _check_json_target(args.json_out, args.overwrite)
     res = evaluate_folders(args.real, args.fake, metrics=metrics, features=args.features,
-                           resolution=args.resolution, lpips_net=args.lpips_net, device=args.device,
+                           resolution=args.resolution, lpips_net=args.lpips_net, device=str(device),
                            progress=not args.no_progress)
     for key in ("skipped_real", "skipped_fake"):
         if res.get(key):
             print(f"warning: {res[key]} unreadable file(s) skipped in --{key.split('_')[1]}", file=sys.stderr)
-    for name, reason in res.get("missing", {}).items():
+    missing = res.get("missing", {})
+    for name, reason in missing.items():
         print(f"warning: {name} is missing: {reason}", file=sys.stderr)
+    computed = [m for m in metrics if res.get(m if m != "lpips" else f"lpips_{args.lpips_net}") is not None]
+    if not computed:
+        reasons = "; ".join(f"{k}: {v}" for k, v in missing.items()) or "no value"
+        raise CLIError(f"no requested metric could be computed ({reasons})")
+    n = min(res.get("num_real", 0), res.get("num_fake", 0))
+    for name, least in (("fid", FID_MIN_IMAGES), ("kid", KID_MIN_IMAGES)):
+        if name in computed and n < least:
+            print(f"warning: {name} from {n} images per folder is strongly biased and not comparable to "
+                  f"published values (use at least {least})", file=sys.stderr)
     shown = {k: v for k, v in res.items() if k != "missing"}
     width = max(len(k) for k in shown)
     for k, v in shown.items():
@@ -64,8 +103,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         from pathlib import Path
 
-        from hessdiff.eval.sweep.store import write_json
+        from hessdiff.eval.sweep.store import _dumps
+        from hessdiff.utils.files import atomic_write
 
-        write_json(Path(args.json_out), res, indent=2)
+        try:
+            atomic_write(Path(args.json_out), _dumps(res, indent=2) + "\n", overwrite=args.overwrite, mkdir=True)
+        except (FileExistsError, IsADirectoryError) as exc:
+            raise CLIError(str(exc)) from exc
         print(f"written {args.json_out}", file=sys.stderr)
     return 0

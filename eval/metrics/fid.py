@@ -251,7 +251,8 @@ def _sqrt_psd(s: np.ndarray) -> np.ndarray:
 def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
-    ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 * sum(svdvals(sigma1^{1/2} sigma2^{1/2}))``.
+    ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 * sum(svdvals(sigma1^{1/2} sigma2^{1/2}))``, clamped
+    at 0 (rounding would make it slightly negative for equal Gaussians).
 
     Raises:
         ValueError: shapes do not match, matrices are not square, or values are not finite.
@@ -268,7 +269,8 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
             raise ValueError(f"{name} contains NaN or infinite values")
     diff = mu1 - mu2
     tr_sqrt = np.linalg.svd(_sqrt_psd(s1) @ _sqrt_psd(s2), compute_uv=False).sum()
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+    # a distance: rounding makes it slightly negative for (nearly) equal Gaussians, e.g. -2.3e-13
+    return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt))
 
 
 def _moments(s: FeatureStats | tuple[Any, Any]) -> tuple[Any, Any]:
