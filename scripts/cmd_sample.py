@@ -17,6 +17,7 @@ evaluations per image and the time.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Any
 
@@ -151,8 +152,8 @@ def sample_images(
     if eta is not None:
         if base != "ddim":
             raise CLIError(f"--eta is a DDIM option; the {base} solver does not take it")
-        if eta < 0:
-            raise CLIError(f"--eta must be non-negative, got {eta}")
+        if not (math.isfinite(eta) and eta >= 0):  # NaN compares false: it would pass `eta < 0`
+            raise CLIError(f"--eta must be a finite non-negative number, got {eta}")
         kwargs["eta"] = float(eta)
     if lml_options and corr_name is None:
         raise CLIError("--lml-option needs an lml-* sampler")
@@ -225,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--steps must be a positive integer, got {args.steps}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.eta is not None and not (math.isfinite(args.eta) and args.eta >= 0):
+        raise CLIError(f"--eta must be a finite non-negative number, got {args.eta}")
     known = SAMPLERS + tuple(LML_VARIANTS)
     if args.sampler is not None and args.sampler not in known:
         raise CLIError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(known)}")
