@@ -563,6 +563,10 @@ def _scheduler_class(config_file: Path) -> Any:
 
     name = json.loads(config_file.read_text()).get("_class_name", "DDPMScheduler")
     cls = getattr(diffusers, str(name), None)
+    if cls is None:  # a folder saved with one of hessdiff's LML drop-ins
+        from .diffusers.schedulers import LML_SCHEDULERS
+
+        cls = {c.__name__: c for c in LML_SCHEDULERS.values()}.get(str(name))
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ModelLoadError(f"{config_file}: {name!r} is not a diffusers scheduler class")
     return cls

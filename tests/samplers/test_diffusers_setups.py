@@ -364,3 +364,18 @@ def test_zero_snr_dpm_solver_warns_at_set_timesteps_and_keeps_saturated_steps_un
     assert float((out64 - ref).norm() / ref.norm()) < 1e-2
     with pytest.raises(ValueError, match="saturated"):
         LMLDPMSolverMultistepScheduler(saturated="ignore")
+
+
+def test_model_folder_saved_with_an_lml_scheduler_loads_through_load_model(tmp_path):
+    """``hessdiff sample/restore --model DIR`` read the scheduler class from the folder: an LML drop-in's
+    name is not in diffusers' namespace and must still resolve (with its config)."""
+    from diffusers import DDPMPipeline
+
+    import hessdiff
+    from hessdiff.samplers.models import load_model
+
+    pipe = DDPMPipeline.from_pretrained(hessdiff.embedded_model_path("mnist"))
+    pipe.scheduler = hessdiff.LMLDDIMScheduler.from_config(pipe.scheduler.config, lamb=1e-2)
+    pipe.save_pretrained(tmp_path / "m")
+    model = load_model(str(tmp_path / "m"))
+    assert type(model.scheduler).__name__ == "LMLDDIMScheduler" and model.scheduler.config.lamb == 1e-2
