@@ -15,7 +15,8 @@ Unreadable files
 ----------------
 Every candidate file is opened and checked (``check="verify"``: PIL's header and
 ``Image.verify()``, which catches non-image data and truncated PNG files without decoding;
-``check="decode"``: a full decode). Files that fail are skipped with one warning, listed in
+``check="decode"``: a full decode; ``"verify"`` decodes non-PNG files fully too, since
+``verify()`` does not check their data, e.g. a truncated JPEG). Files that fail are skipped with one warning, listed in
 :attr:`ImageFolderDataset.skipped` and counted in :attr:`ImageFolderDataset.num_skipped`.
 ``first_n`` counts readable images: the first ``first_n`` readable files in order are used.
 
@@ -83,10 +84,16 @@ def _check_readable(path: Path, check: str) -> str | None:
 
     try:
         with Image.open(path) as img:
+            fmt = img.format
             if check == "verify":
                 img.verify()
             else:
                 img.convert("RGB").load()
+        if check == "verify" and fmt != "PNG":
+            # verify() checks PNG chunks but not the data of other formats (a truncated JPEG passes it and
+            # fails mid-run, at the same file on every resume): decode those fully
+            with Image.open(path) as img:
+                img.load()
     except Exception as err:  # PIL raises many types for bad data
         return f"{type(err).__name__}: {err}"
     return None

@@ -37,7 +37,7 @@ from hessdiff.eval.sweep.store import (
 )
 from hessdiff.eval.sweep.summary import _finalize
 from hessdiff.eval.sweep.work import NO_MODEL, _build_work, _Item, _item_done, _Unit
-from hessdiff.utils.files import atomic_write, remove_temp_files
+from hessdiff.utils.files import atomic_write, is_temp_file, remove_temp_files
 from hessdiff.utils.images import save_image
 
 __all__ = ["SweepReport", "run_sweep"]
@@ -305,129 +305,180 @@ def run_sweep(
         raise ValueError(f"limit must be a positive number of items, got {limit}")
     say = log or (lambda s: None)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"the output folder {out} is a file, not a folder; choose another --out")
+    above = out
+    missing_dirs: list[Path] = []
+    while not above.exists() and above.parent != above:
+        missing_dirs.append(above)
+        above = above.parent
+    if above.exists() and not above.is_dir():
+        raise SweepError(f"cannot create the output folder {out}: {above} is a file, not a folder")
+    # what this call creates, so that a run failing before its first item leaves the folder as it found it
+    made_meta = not (out / SWEEP_FILE).exists()
+    made_lock = not (out / LOCK_FILE).exists()
     dist = _Dist(device)
     lock = _FolderLock(out / LOCK_FILE)
     try:
-        if dist.main:
-            out.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
-        # -- data and identity (every rank, deterministic) --
-        data = None
-        if cfg.data is not None:
-            d = cfg.data
-            data = _ImageSet("data", folder=d.folder, embedded=d.embedded, first_n=d.first_n, resize=d.resize,
-                             order=d.order, recursive=d.recursive, base_seed=d.base_seed, check=d.check)
-        ref = None
-        m = cfg.metrics
-        if m.needs_features:
-            if m.reference == "data":
-                ref = data
-            elif m.reference.startswith("embedded:"):
-                ref = _ImageSet("reference", embedded=m.reference.split(":", 1)[1],
-                                first_n=m.reference_first_n or None)
-            else:
-                ref = _ImageSet("reference", folder=Path(m.reference), first_n=m.reference_first_n or None)
-        resolved = cfg.resolved()
-        if feature_extractor is not None and m.needs_features:
-            resolved["metrics"]["features"] = f"custom:{getattr(feature_extractor, 'name', 'unnamed')}"
-        identity = {"config": resolved, "data": data.describe() if data else None,
-                    "reference": ref.describe() if ref is not None and ref is not data else None}
-        sweep_hash = config_hash(identity)
-        info = {
-            "config_file": str(cfg.source) if cfg.source else None,
-            "data_folder": str(cfg.data.folder) if cfg.data and cfg.data.folder else None,
-            "reference_folder": m.reference if ref is not None and ref.folder is not None and ref is not data else None,
-            "skipped_files": [list(s) for s in (data.skipped if data else [])],
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        # -- folder checks (rank 0 decides, everyone follows) --
-        err = _prepare_folder(out, identity, sweep_hash, info, resume) if dist.main else None
-        err = dist.broadcast(err)
-        if err:
-            if "different sweep" in err:
-                raise SweepMismatchError(err)
-            raise SweepError(err)
-        dist.barrier()
-        meta = _read_json(out / SWEEP_FILE)
-        if not isinstance(meta, dict) or meta.get("sweep_hash") != sweep_hash:
-            raise SweepError(f"rank {dist.rank} cannot see {out / SWEEP_FILE} written by rank 0: the output "
-                             "folder must be on a file system shared by all processes")
-
-        runner = _Runner(cfg, out, dist, feature_extractor)
-        runner.sweep_hash = sweep_hash
-        has_features = m.needs_features and runner.extractor is not None
-        items, batches = _build_work(cfg, data, ref)
-        sample_items = [it for it in items if it.unit.kind == "sample"]
-
-        # -- pending work (rank 0 scans, broadcasts) --
-        plan = None
-        if dist.main:
-            removed = remove_temp_files(out)
-            if removed:
-                say(f"removed {removed} temporary file(s) left by an interrupted run")
-            pending_idx = [it.index for it in items if not _item_done(out, it, sweep_hash)]
-            pset = set(pending_idx)
-            # without a feature extractor (missing weights) reference items stay pending
-            todo = [j for j, (u, its) in enumerate(batches)
-                    if (has_features or u.kind == "sample") and any(it.index in pset for it in its)]
-            if limit is not None:  # counts sample items; pending reference batches are always included
-                kept, count = [], 0
-                for j in todo:
-                    if batches[j][0].kind == "sample":
-                        if count >= limit:
-                            continue
-                        count += sum(it.index in pset for it in batches[j][1])
-                    kept.append(j)
-                todo = kept
-            plan = {"pending": pending_idx, "batches": todo}
-        plan = dist.broadcast(plan)
-        pending = set(plan["pending"])
-        mine = plan["batches"][dist.rank::dist.world]
-        n_sample_done_before = sum(it.index not in pending for it in sample_items)
-        total_mine = sum(sum(it.index in pending for it in batches[j][1]) for j in mine)
-        if dist.main:
-            say(f"sweep {cfg.name!r} ({sweep_hash}): {len(sample_items)} items, {n_sample_done_before} already "
-                f"done, {sum(len(batches[j][1]) for j in plan['batches'])} to compute"
-                + (f" on {dist.world} processes" if dist.world > 1 else "")
-                + (f"; skipped {len(data.skipped)} unreadable file(s)" if data and data.skipped else ""))
-
-        bar = None
-        if progress and dist.main and total_mine:
-            from tqdm.auto import tqdm
-
-            desc = "sweep" if dist.world == 1 else f"sweep (rank 0 of {dist.world})"
-            bar = tqdm(total=total_mine, desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1)
-        computed = 0
-        sample_time = 0.0
-        sample_count = 0
-        try:
-            for j in mine:
-                unit, its = batches[j]
-                t0 = time.perf_counter()
-                images = ref if unit.kind == "reference" else data
-                n = runner.run_batch(unit, its, pending, images, ref, j)
-                if unit.kind == "sample":
-                    sample_time += time.perf_counter() - t0
-                    sample_count += len(its)
-                computed += n
-                if bar is not None:
-                    bar.set_postfix_str(unit.label, refresh=False)
-                    bar.update(n)
-        finally:
-            if bar is not None:
-                bar.close()
-        dist.barrier()
-
-        report = SweepReport(out=out, sweep_hash=sweep_hash, num_items=len(sample_items), num_done=0,
-                             num_computed=computed, seconds=0.0,
-                             seconds_per_image=sample_time / sample_count if sample_count else None,
-                             rank=dist.rank, world_size=dist.world,
-                             skipped_files=list(data.skipped) if data else [])
-        if dist.main:
-            summary, files, n_done = _finalize(cfg, out, items, sweep_hash, runner, plots)
-            report.summary, report.files, report.num_done = summary, files, n_done
-        report.seconds = time.perf_counter() - t_begin
-        return report
+        return _run_sweep(cfg, out, dist, lock, resume=resume, limit=limit, progress=progress,
+                          feature_extractor=feature_extractor, plots=plots, say=say, t_begin=t_begin)
+    except BaseException:
+        if dist.main and made_meta:
+            lock.release()
+            _undo_new_folder(out, made_lock, missing_dirs)
+        raise
     finally:
         lock.release()
         dist.close()
+
+
+def _undo_new_folder(out: Path, made_lock: bool, missing_dirs: list[Path]) -> None:
+    """Remove what a failed first run put into ``out`` (it was empty or absent: see ``_prepare_folder``)."""
+    import contextlib
+
+    if not out.is_dir():
+        return
+    kept = [p for p in out.rglob("*") if p.is_file() and p.name not in (SWEEP_FILE, LOCK_FILE)
+            and not is_temp_file(p.name)]
+    if kept:  # items (or reference features) were written: keep the sweep, --resume continues it
+        return
+    wrote_meta = (out / SWEEP_FILE).is_file()  # then the folder was empty before this run
+    with contextlib.suppress(OSError):
+        (out / SWEEP_FILE).unlink()
+    if made_lock:
+        with contextlib.suppress(OSError):
+            (out / LOCK_FILE).unlink()
+    if wrote_meta:
+        remove_temp_files(out)
+        for d in sorted((p for p in out.rglob("*") if p.is_dir() and not p.is_symlink()),
+                        key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only empty folders
+    for d in missing_dirs:  # deepest first
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def _run_sweep(cfg: SweepConfig, out: Path, dist: _Dist, lock: _FolderLock, *, resume: bool, limit: int | None,
+               progress: bool, feature_extractor: Any | None, plots: bool, say: Callable[[str], None],
+               t_begin: float) -> SweepReport:
+    # -- data and identity (every rank, deterministic), before the folder is touched --
+    data = None
+    if cfg.data is not None:
+        d = cfg.data
+        data = _ImageSet("data", folder=d.folder, embedded=d.embedded, first_n=d.first_n, resize=d.resize,
+                         order=d.order, recursive=d.recursive, base_seed=d.base_seed, check=d.check)
+    ref = None
+    m = cfg.metrics
+    if m.needs_features:
+        if m.reference == "data":
+            ref = data
+        elif m.reference.startswith("embedded:"):
+            ref = _ImageSet("reference", embedded=m.reference.split(":", 1)[1],
+                            first_n=m.reference_first_n or None)
+        else:
+            ref = _ImageSet("reference", folder=Path(m.reference), first_n=m.reference_first_n or None)
+    resolved = cfg.resolved()
+    if feature_extractor is not None and m.needs_features:
+        resolved["metrics"]["features"] = f"custom:{getattr(feature_extractor, 'name', 'unnamed')}"
+    identity = {"config": resolved, "data": data.describe() if data else None,
+                "reference": ref.describe() if ref is not None and ref is not data else None}
+    sweep_hash = config_hash(identity)
+    info = {
+        "config_file": str(cfg.source) if cfg.source else None,
+        "data_folder": str(cfg.data.folder) if cfg.data and cfg.data.folder else None,
+        "reference_folder": m.reference if ref is not None and ref.folder is not None and ref is not data else None,
+        "skipped_files": [list(s) for s in (data.skipped if data else [])],
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    # -- folder checks (rank 0 decides, everyone follows) --
+    err = _prepare_folder(out, identity, sweep_hash, info, resume) if dist.main else None
+    err = dist.broadcast(err)
+    if err:
+        if "different sweep" in err:
+            raise SweepMismatchError(err)
+        raise SweepError(err)
+    dist.barrier()
+    meta = _read_json(out / SWEEP_FILE)
+    if not isinstance(meta, dict) or meta.get("sweep_hash") != sweep_hash:
+        raise SweepError(f"rank {dist.rank} cannot see {out / SWEEP_FILE} written by rank 0: the output "
+                         "folder must be on a file system shared by all processes")
+
+    runner = _Runner(cfg, out, dist, feature_extractor)
+    runner.sweep_hash = sweep_hash
+    has_features = m.needs_features and runner.extractor is not None
+    items, batches = _build_work(cfg, data, ref)
+    sample_items = [it for it in items if it.unit.kind == "sample"]
+
+    # -- pending work (rank 0 scans, broadcasts) --
+    plan = None
+    if dist.main:
+        removed = remove_temp_files(out)
+        if removed:
+            say(f"removed {removed} temporary file(s) left by an interrupted run")
+        pending_idx = [it.index for it in items if not _item_done(out, it, sweep_hash)]
+        pset = set(pending_idx)
+        # without a feature extractor (missing weights) reference items stay pending
+        todo = [j for j, (u, its) in enumerate(batches)
+                if (has_features or u.kind == "sample") and any(it.index in pset for it in its)]
+        if limit is not None:  # counts sample items; pending reference batches are always included
+            kept, count = [], 0
+            for j in todo:
+                if batches[j][0].kind == "sample":
+                    if count >= limit:
+                        continue
+                    count += sum(it.index in pset for it in batches[j][1])
+                kept.append(j)
+            todo = kept
+        plan = {"pending": pending_idx, "batches": todo}
+    plan = dist.broadcast(plan)
+    pending = set(plan["pending"])
+    mine = plan["batches"][dist.rank::dist.world]
+    n_sample_done_before = sum(it.index not in pending for it in sample_items)
+    total_mine = sum(sum(it.index in pending for it in batches[j][1]) for j in mine)
+    if dist.main:
+        say(f"sweep {cfg.name!r} ({sweep_hash}): {len(sample_items)} items, {n_sample_done_before} already "
+            f"done, {sum(len(batches[j][1]) for j in plan['batches'])} to compute"
+            + (f" on {dist.world} processes" if dist.world > 1 else "")
+            + (f"; skipped {len(data.skipped)} unreadable file(s)" if data and data.skipped else ""))
+
+    bar = None
+    if progress and dist.main and total_mine:
+        from tqdm.auto import tqdm
+
+        desc = "sweep" if dist.world == 1 else f"sweep (rank 0 of {dist.world})"
+        bar = tqdm(total=total_mine, desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1)
+    computed = 0
+    sample_time = 0.0
+    sample_count = 0
+    try:
+        for j in mine:
+            unit, its = batches[j]
+            t0 = time.perf_counter()
+            images = ref if unit.kind == "reference" else data
+            n = runner.run_batch(unit, its, pending, images, ref, j)
+            if unit.kind == "sample":
+                sample_time += time.perf_counter() - t0
+                sample_count += len(its)
+            computed += n
+            if bar is not None:
+                bar.set_postfix_str(unit.label, refresh=False)
+                bar.update(n)
+    finally:
+        if bar is not None:
+            bar.close()
+    dist.barrier()
+
+    report = SweepReport(out=out, sweep_hash=sweep_hash, num_items=len(sample_items), num_done=0,
+                         num_computed=computed, seconds=0.0,
+                         seconds_per_image=sample_time / sample_count if sample_count else None,
+                         rank=dist.rank, world_size=dist.world,
+                         skipped_files=list(data.skipped) if data else [])
+    if dist.main:
+        summary, files, n_done = _finalize(cfg, out, items, sweep_hash, runner, plots)
+        report.summary, report.files, report.num_done = summary, files, n_done
+    report.seconds = time.perf_counter() - t_begin
+    return report

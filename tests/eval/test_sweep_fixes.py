@@ -70,3 +70,68 @@ def test_resume_after_an_in_place_edit_of_the_same_size_is_refused(tmp_path):
     assert (data / "im1.png").stat().st_size == before
     with pytest.raises(SweepMismatchError, match="refusing to mix"):
         run_sweep(cfg, out, resume=True, plots=False)
+
+
+def test_truncated_jpeg_is_skipped_and_listed_not_a_crash(tmp_path):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for i in range(2):
+        _png(data / f"im{i}.png", i)
+    rng = np.random.default_rng(5)
+    Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(data / "cut.jpg", quality=95)
+    raw = (data / "cut.jpg").read_bytes()
+    (data / "cut.jpg").write_bytes(raw[: len(raw) // 2])
+    cfg = parse_config(_config(data), name="t.toml")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        rep = run_sweep(cfg, out, plots=False)
+    assert rep.complete and rep.num_items == 2
+    assert [Path(p).name for p, _ in rep.skipped_files] == ["cut.jpg"]
+    assert json.loads((out / "sweep.json").read_text())["info"]["skipped_files"][0][0].endswith("cut.jpg")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        assert run_sweep(cfg, out, resume=True, plots=False).num_computed == 0
+
+
+def _cli_sweep(*argv: str) -> int:
+    from hessdiff.scripts.cli import main
+
+    return main(["sweep", *argv])
+
+
+def test_out_that_is_a_file_or_under_a_file_is_one_clear_error(tmp_path, capsys):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    _png(data / "im0.png", 0)
+    toml = tmp_path / "s.toml"
+    toml.write_text(f'[sweep]\nseeds = "0"\n[data]\nfolder = "{data}"\nresolution = 16\n'
+                    '[[tasks]]\nname = "denoising"\n[[methods]]\nname = "pinv"\n[metrics]\npaired = ["psnr"]\n')
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep")
+    for out, msg in ((blocker, "is a file, not a folder"), (blocker / "sub", "afile is a file, not a folder")):
+        assert _cli_sweep(str(toml), "--out", str(out), "--no-progress", "--no-plots") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err and "Traceback" not in err
+    assert blocker.read_text() == "keep"
+
+
+def test_run_failing_before_its_first_item_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    from hessdiff.eval.sweep import run as run_mod
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    _png(data / "im0.png", 0)
+    cfg = parse_config(_config(data), name="t.toml")
+
+    def boom(*a, **k):
+        raise RuntimeError("model exploded")
+
+    monkeypatch.setattr(run_mod._Runner, "run_batch", boom)
+    out = tmp_path / "deep" / "out"
+    with pytest.raises(RuntimeError, match="exploded"):
+        run_sweep(cfg, out, plots=False)
+    assert not (tmp_path / "deep").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RuntimeError, match="exploded"):
+        run_sweep(cfg, empty, plots=False)
+    assert list(empty.iterdir()) == []
