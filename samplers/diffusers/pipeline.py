@@ -204,6 +204,29 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
             raise TypeError(f"the measurement must be a torch.Tensor, got {type(y).__name__}")
         return y, op
 
+    def _conditioning(self, prompt: Any, negative_prompt: Any, prompt_embeds: Tensor | None, guidance_scale: float,
+                      batch: int, device: torch.device) -> dict[str, Any]:
+        """The text conditioning of a ``UNet2DConditionModel`` (the null prompt by default) and CFG."""
+        cond: dict[str, Any] = {}
+        if isinstance(self.unet, UNet2DConditionModel):
+            ehs = prompt_embeds if prompt_embeds is not None else self._encode_prompt(prompt, batch, device)
+            cond["encoder_hidden_states"] = ehs
+            if guidance_scale != 1.0:
+                cond["negative_encoder_hidden_states"] = self._encode_prompt(negative_prompt, batch, device)
+                cond["guidance_scale"] = guidance_scale
+        elif prompt is not None or prompt_embeds is not None:
+            raise ValueError("prompt / prompt_embeds given but this UNet is not text-conditioned")
+        return cond
+
+    def _format(self, result: Any, output_type: str) -> Any:
+        if output_type == "latent":
+            return result.samples
+        images = result.images.float()
+        if output_type == "pt":
+            return images
+        arr = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        return arr if output_type == "np" else self.numpy_to_pil(np.asarray(arr))
+
     # ------------------------------------------------------------------------------------ call
     def __call__(
         self,
@@ -272,15 +295,7 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         f = self.vae_scale_factor
         shape = (batch, self.unet.config.in_channels, h // f, w // f)
 
-        cond: dict[str, Any] = {}
-        if isinstance(self.unet, UNet2DConditionModel):
-            ehs = prompt_embeds if prompt_embeds is not None else self._encode_prompt(prompt, batch, device)
-            cond["encoder_hidden_states"] = ehs
-            if guidance_scale != 1.0:
-                cond["negative_encoder_hidden_states"] = self._encode_prompt(negative_prompt, batch, device)
-                cond["guidance_scale"] = guidance_scale
-        elif prompt is not None or prompt_embeds is not None:
-            raise ValueError("prompt / prompt_embeds given but this UNet is not text-conditioned")
+        cond = self._conditioning(prompt, negative_prompt, prompt_embeds, guidance_scale, batch, device)
         denoiser = UNetDenoiser.from_unet_and_scheduler(self.unet, self.scheduler, **cond)
         if denoiser.schedule.kind != "vp":
             raise ValueError("the posterior samplers run on VP (DDPM-family) schedules; this scheduler is "
@@ -296,13 +311,7 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
                                        generator=generator if isinstance(generator, torch.Generator) else None))
         result = fn(*args, generator=generator, progress=progress, **opts)
 
-        if output_type == "latent":
-            images: Any = result.samples
-        else:
-            images = result.images.float()
-            if output_type != "pt":
-                arr = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-                images = arr if output_type == "np" else self.numpy_to_pil(np.asarray(arr))
+        images = self._format(result, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, result.cost
