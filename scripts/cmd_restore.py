@@ -49,6 +49,9 @@ EPILOG = """examples:
   hessdiff degrade --list                     # tasks and their parameters
 """
 
+#: default --max-pixels: larger images are refused before decoding (PIL's bomb limit is ~89 MP)
+DEFAULT_MAX_PIXELS = 40_000_000
+
 #: default number of sampling steps
 DEFAULT_STEPS = 50  # the embedded models' rows; other models take their method's published steps
 
@@ -99,6 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "models, the paper's count (e.g. DPS 1000) on others)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the measurement (mask / kernel / noise) and of the sampler (default 0)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse images with more than N pixels (default {DEFAULT_MAX_PIXELS:_}, "
+                        f"{DEFAULT_MAX_PIXELS // 10**6} MP; checked before decoding)")
     p.add_argument("--no-resize", action="store_true",
                    help="refuse an image whose size differs from the model's resolution instead of resizing it")
     p.add_argument("--out", default="runs/restore", help="output folder (default runs/restore; created if missing)")
@@ -269,7 +275,14 @@ def run(args: argparse.Namespace) -> int:
         task = load_preset(args.preset).task(args.task, **params)
     else:
         task = make_task(_task_name(args.task), **params)
-    x_file = load_image(args.image)  # missing / unreadable files raise with the path
+    if args.max_pixels < 1:
+        raise CLIError(f"--max-pixels must be a positive integer, got {args.max_pixels}")
+    from hessdiff.utils.images import ImageTooLargeError
+
+    try:
+        x_file = load_image(args.image, max_pixels=args.max_pixels)  # missing / unreadable files raise with the path
+    except ImageTooLargeError as exc:
+        raise CLIError(f"{exc}; pass --max-pixels N to allow larger images (or downscale the image)") from exc
 
     names = ["measurement.png", "measurement.pt", "restored.png", "comparison.png", "metrics.json"]
     out = OutputDir(args.out, names, overwrite=args.overwrite)
@@ -282,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
             check_method(method, model.is_latent, source)
         except ValueError as exc:
             raise CLIError(str(exc)) from exc
-        x = load_image(args.image, channels=1 if model.channels == 1 else 3) if x_file.shape[1] != model.channels \
+        x = load_image(args.image, channels=1 if model.channels == 1 else 3, max_pixels=args.max_pixels) \
+            if x_file.shape[1] != model.channels \
             else x_file
         x, note = _fit_image(x, int(model.resolution), args.no_resize, source)
         if note:

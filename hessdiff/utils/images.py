@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["from_uint8", "load_image", "save_image", "to_uint8", "to_uint8_array"]
+__all__ = ["ImageTooLargeError", "from_uint8", "load_image", "save_image", "to_uint8", "to_uint8_array"]
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _GREY_MODES = ("L", "1", "LA", "La")
@@ -129,14 +129,25 @@ def _unit_array(im: object, channels: int | None) -> np.ndarray:
     return arr
 
 
-def load_image(path: str | os.PathLike, channels: int | None = None) -> Tensor:
+class ImageTooLargeError(ValueError):
+    """An image has more pixels than the allowed limit (``max_pixels`` or PIL's decompression-bomb limit)."""
+
+    def __init__(self, message: str, pixels: int | None = None, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.pixels, self.limit = pixels, limit
+
+
+def load_image(path: str | os.PathLike, channels: int | None = None, *, max_pixels: int | None = None) -> Tensor:
     """Read an image file into a float32 tensor ``[1, C, H, W]`` in ``[-1, 1]``.
 
     Args:
         channels: ``None`` (grey stays one channel, everything else is RGB), ``1`` or ``3``.
+        max_pixels: refuse images with more pixels (checked from the header, before decoding); it
+            replaces PIL's decompression-bomb limit. ``None`` keeps PIL's limit.
 
     Raises:
         FileNotFoundError: there is no file at ``path``.
+        ImageTooLargeError: more pixels than ``max_pixels`` (or than PIL's limit); a ``ValueError``.
         ValueError: the file cannot be decoded as an image (the message names it).
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -144,14 +155,29 @@ def load_image(path: str | os.PathLike, channels: int | None = None) -> Tensor:
     p = Path(path)
     if channels not in (None, 1, 3):
         raise ValueError(f"load_image: channels must be None, 1 or 3; got {channels!r}")
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"load_image: max_pixels must be positive; got {max_pixels}")
     if not p.is_file():
         raise FileNotFoundError(f"image file not found: {p}")
+    saved_limit = Image.MAX_IMAGE_PIXELS
     try:
+        if max_pixels is not None:
+            Image.MAX_IMAGE_PIXELS = None  # our limit replaces PIL's
         with Image.open(p) as im:
+            n = im.size[0] * im.size[1]
+            if max_pixels is not None and n > max_pixels:
+                raise ImageTooLargeError(f"image {p} is {im.size[0]}x{im.size[1]} = {n / 1e6:.1f} MP, more than "
+                                         f"the limit of {max_pixels / 1e6:g} MP", n, max_pixels)
             im.load()
             arr = _unit_array(ImageOps.exif_transpose(im), channels)
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image {p} is too large: {exc}") from exc
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise ValueError(f"cannot read an image from {p}: {exc}") from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved_limit
     x = torch.from_numpy(arr.clip(0.0, 1.0) * 2.0 - 1.0).permute(2, 0, 1)[None]
     return x.to(torch.float32).contiguous()
 

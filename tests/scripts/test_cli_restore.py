@@ -372,6 +372,17 @@ def test_task_defaults_follow_the_model_resolution(task, expect, tmp_path, digit
     assert load_measurement(tmp_path / "o2" / "measurement.pt").params["box_size"] == 6
 
 
+def test_pixel_limit_is_a_clear_error(tmp_path, digit_png, pixel_model_dir, capsys):
+    out = tmp_path / "o"
+    rc = _main(str(digit_png), "--task", "denoising", "--model", str(pixel_model_dir), "--out", str(out),
+               "--max-pixels", "1000", *FAST)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "32x32 = 0.0 MP, more than the limit" in err and "--max-pixels" in err
+    assert not out.exists()
+    assert _main(str(digit_png), "--task", "denoising", "--model", str(pixel_model_dir), "--out", str(out),
+                 "--max-pixels", "1024", *FAST) == 0
+
+
 def test_unwritable_output_folder(tmp_path, digit_png, pixel_model_dir, monkeypatch, capsys):
     out = tmp_path / "ro"
     out.mkdir()

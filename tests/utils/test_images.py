@@ -198,3 +198,21 @@ def test_quantisation_precisions():
     assert torch.equal(to_uint8(from_uint8(u)), u) and torch.equal(to_uint8(from_uint8(u).double()), u)
     with pytest.raises(ValueError, match="NaN"):
         to_uint8_array(torch.full((1, 2, 2), float("nan")))
+
+
+def test_load_image_pixel_limit_and_decompression_bomb(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from hessdiff.utils.images import ImageTooLargeError, load_image
+
+    p = tmp_path / "big.png"
+    Image.fromarray(np.zeros((40, 50), dtype=np.uint8)).save(p)
+    with pytest.raises(ImageTooLargeError, match=r"50x40 = 0.0 MP, more than the limit"):
+        load_image(p, max_pixels=1999)
+    assert load_image(p, max_pixels=2000).shape == (1, 1, 40, 50)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # PIL's bomb limit: its error becomes ours
+    with pytest.raises(ImageTooLargeError, match="too large"):
+        load_image(p)
+    assert load_image(p, max_pixels=10**6).shape == (1, 1, 40, 50)  # max_pixels replaces PIL's limit
+    assert Image.MAX_IMAGE_PIXELS == 500
