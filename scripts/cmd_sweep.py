@@ -102,10 +102,11 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from hessdiff.eval.sweep import SweepError, run_sweep
-    from hessdiff.eval.sweep.config import load_config
+    from hessdiff.eval.sweep.config import check_models, load_config
     from hessdiff.samplers.models import ModelLoadError
 
     cfg = load_config(_config_path(args.config))
+    check_models(cfg)  # a missing model fails here, for --check and before a run touches --out
     if args.check:
         print(json.dumps(cfg.resolved(), indent=2))
         print(f"configuration OK ({sum(len(m.steps) for m in cfg.methods)} method x steps entries, "

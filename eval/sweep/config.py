@@ -719,6 +719,19 @@ def parse_config(raw: Mapping[str, Any], *, name: str = "sweep config", base_dir
                        data=data, tasks=tasks, methods=mlist, metrics=metrics, source=source)
 
 
+def check_models(cfg: SweepConfig) -> None:
+    """Refuse a configuration whose models cannot be found (not embedded, no such folder, not a hub id),
+    before anything is computed or written: :class:`SweepConfigError` naming the entry."""
+    from hessdiff.samplers.models import ModelLoadError, _resolve_local
+
+    where = f"{cfg.source.name}: " if cfg.source else ""
+    for m in cfg.models:
+        try:
+            _resolve_local(m.source)
+        except ModelLoadError as exc:
+            raise SweepConfigError(f"{where}[[models]] {m.label!r}: {exc}") from exc
+
+
 def load_config(path: str | os.PathLike, *, methods: Mapping[str, Any] | None = None) -> SweepConfig:
     """Read and validate a TOML sweep configuration (relative paths are resolved against its folder).
 

@@ -55,6 +55,7 @@ weights), ``pixels`` (8x8 average-pooled pixels in [0, 1], 192-d; weight-free, f
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -400,6 +401,28 @@ def _posterior_method(name: str, fn: Callable[..., Any], latent: bool) -> Callab
     return run
 
 
+#: value ranges of the posterior samplers' numeric options, checked when a configuration is read (so that
+#: ``hessdiff sweep --check`` refuses what the samplers would refuse at the first item)
+_NONNEGATIVE = ("zeta", "lam", "eta", "gamma", "omega", "ddim_eta", "measurement_noise", "sigma_y")
+_POSITIVE = ("probe_scale", "clip_x0")
+_POSITIVE_INT = ("inner_steps", "num_probes", "iterations")
+
+
+def _check_sampler_ranges(name: str) -> Callable[[dict[str, Any]], None]:
+    def validate(opts: dict[str, Any]) -> None:
+        for key, v in opts.items():
+            if v is None or isinstance(v, bool) or not isinstance(v, int | float):
+                continue
+            if key in _POSITIVE_INT and not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"option {key!r} of method {name!r} must be a positive integer, got {v!r}")
+            if key in _NONNEGATIVE and not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"option {key!r} of method {name!r} must be a finite non-negative number, got {v!r}")
+            if key in _POSITIVE and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"option {key!r} of method {name!r} must be a finite positive number, got {v!r}")
+
+    return validate
+
+
 def _register_posterior_samplers() -> None:
     try:
         from hessdiff.samplers import guidance as posterior
@@ -416,7 +439,8 @@ def _register_posterior_samplers() -> None:
                 options[p.name] = p.default
         doc = (inspect.getdoc(fn) or "").split("\n")[0]
         register_method(name, _posterior_method(name, fn, name in latent_names), options=options,
-                        needs_model=True, needs_measurement=True, uses_steps=True, description=doc)
+                        needs_model=True, needs_measurement=True, uses_steps=True, description=doc,
+                        validate=_check_sampler_ranges(name))
 
 
 _register_posterior_samplers()

@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from hessdiff.eval.sweep.config import SweepConfig, SweepConfigError, TaskEntry, config_hash, load_config
+from hessdiff.eval.sweep.config import (
+    SweepConfig,
+    SweepConfigError,
+    TaskEntry,
+    check_models,
+    config_hash,
+    load_config,
+)
 from hessdiff.eval.sweep.images import (
     _ImageSet,
     _npy_bytes,
@@ -304,6 +311,7 @@ def run_sweep(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of items, got {limit}")
     say = log or (lambda s: None)
+    check_models(cfg)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SweepError(f"the output folder {out} is a file, not a folder; choose another --out")

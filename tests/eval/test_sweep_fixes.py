@@ -135,3 +135,27 @@ def test_run_failing_before_its_first_item_leaves_the_folder_as_it_was(tmp_path,
     with pytest.raises(RuntimeError, match="exploded"):
         run_sweep(cfg, empty, plots=False)
     assert list(empty.iterdir()) == []
+
+
+@pytest.mark.parametrize("method, model, message", [
+    ({"name": "dps", "options": {"zeta": -1.0}}, "mnist", "'zeta' of method 'dps' must be a finite non-negative"),
+    ({"name": "stsl", "options": {"lam": 0.5, "inner_steps": 0}}, "mnist",
+     "'inner_steps' of method 'stsl' must be a positive integer"),
+    ({"name": "dps"}, "./no-such-model-folder", "not found"),
+])
+def test_check_refuses_what_the_run_would_reject(method, model, message, tmp_path, capsys):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    _png(data / "im0.png", 0, size=32)
+    opts = ", ".join(f"{k} = {json.dumps(v)}" for k, v in method.get("options", {}).items())
+    toml = tmp_path / "s.toml"
+    toml.write_text(f'[sweep]\nseeds = "0"\n[data]\nfolder = {json.dumps(str(data))}\n'
+                    f'[[models]]\nname = {json.dumps(model)}\n[[tasks]]\nname = "denoising"\n'
+                    f'[[methods]]\nname = {json.dumps(method["name"])}\nsteps = [2]\n'
+                    + (f"options = {{ {opts} }}\n" if opts else "") + '[metrics]\npaired = ["psnr"]\n')
+    assert _cli_sweep(str(toml), "--check") == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    out = tmp_path / "out"
+    assert _cli_sweep(str(toml), "--out", str(out), "--no-progress", "--no-plots") == 2
+    assert message in capsys.readouterr().err and not out.exists()
