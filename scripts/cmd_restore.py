@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ __all__ = ["register", "run", "restore_image", "RestoreResult", "method_options"
            "METHOD_DEFAULTS", "default_method"]
 
 EPILOG = """examples:
+  hessdiff restore --example 4 --task box-inpainting --param box_size=10   # a shipped digit (--example list)
   hessdiff restore assets/examples/mnist_test_150_digit3.png --task box-inpainting --param box_size=10 --out runs/digit3
   hessdiff restore digit.png --task super-resolution --param scale=2 --method dps --steps 100 --seed 3
   hessdiff restore digit.png --task random-inpainting --param drop=0.7 --method stsl --option lam=0.5
@@ -81,8 +83,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("image", help="clean image file (PNG, JPEG, ...)")
-    p.add_argument("--task", required=True,
+    p.add_argument("image", nargs="?", help="clean image file (PNG, JPEG, ...); or use --example N")
+    p.add_argument("--example", metavar="N",
+                   help="use the N-th shipped example image instead of IMAGE (works outside a clone); "
+                        "--example list prints them")
+    p.add_argument("--task",
                    help="task name, e.g. box-inpainting, random-inpainting, super-resolution, gaussian-blur, "
                         "motion-blur, denoising (see `hessdiff degrade --list`); with --preset, the preset's entry")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -179,6 +184,18 @@ def _task_name(name: str) -> str:
     return task_name(name)
 
 
+def example_images() -> list[Path]:
+    """The shipped example PNGs (``hessdiff.assets/examples``), sorted by name; ``--example N`` indexes them."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("hessdiff.assets"))) / "examples"
+    return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+
+def _example_listing() -> str:
+    return "\n".join(f"  {i}  {p.name}" for i, p in enumerate(example_images())) or "  (none shipped)"
+
+
 def _fit_image(x: Tensor, resolution: int, no_resize: bool, source: str) -> tuple[Tensor, str | None]:
     """``x`` at ``resolution x resolution`` (centre crop + bicubic resize) and the note to print, or an error."""
     h, w = int(x.shape[-2]), int(x.shape[-1])
@@ -255,6 +272,27 @@ def run(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     say = (lambda *a: None) if args.quiet else print
+    if args.example is not None:
+        if args.example.strip().lower() == "list":
+            print("shipped example images (hessdiff restore --example N --task ...):\n" + _example_listing())
+            return 0
+        if args.image:
+            raise CLIError("give either IMAGE or --example N, not both")
+        examples = example_images()
+        try:
+            k = int(args.example)
+        except ValueError:
+            k = -1
+        if not 0 <= k < len(examples):
+            raise CLIError(f"--example {args.example}: choose N from 0 to {len(examples) - 1} "
+                           f"(hessdiff restore --example list); shipped: "
+                           + ", ".join(f"{i}={p.name}" for i, p in enumerate(examples)))
+        args.image = str(examples[k])
+        say(f"example {k}: {examples[k].name}")
+    if not args.image:
+        raise CLIError("give the IMAGE to restore, or --example N (hessdiff restore --example list)")
+    if not args.task:
+        raise CLIError("give --task NAME (see hessdiff degrade --list)")
     # ---- cheap checks first: arguments, image, task, output folder
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be a positive integer, got {args.steps}")

@@ -383,6 +383,21 @@ def test_pixel_limit_is_a_clear_error(tmp_path, digit_png, pixel_model_dir, caps
                  "--max-pixels", "1024", *FAST) == 0
 
 
+def test_example_flag_uses_the_shipped_images(tmp_path, pixel_model_dir, capsys):
+    assert _main("--example", "list") == 0
+    listing = capsys.readouterr().out
+    names = cmd_restore.example_images()
+    assert EXAMPLE_DIGIT in [p.name for p in names] and all(f"{i}  {p.name}" in listing for i, p in enumerate(names))
+    k = [p.name for p in names].index(EXAMPLE_DIGIT)
+    out = tmp_path / "o"
+    assert _main("--example", str(k), "--task", "denoising", "--model", str(pixel_model_dir), "--out", str(out),
+                 *FAST) == 0
+    assert json.loads((out / "metrics.json").read_text())["image"].endswith(EXAMPLE_DIGIT)
+    assert _main("--example", "99", "--task", "denoising", "--out", str(tmp_path / "o2"), *FAST) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "choose N from 0 to" in err and not (tmp_path / "o2").exists()
+
+
 def test_unwritable_output_folder(tmp_path, digit_png, pixel_model_dir, monkeypatch, capsys):
     out = tmp_path / "ro"
     out.mkdir()
