@@ -1116,6 +1116,7 @@ same model and sample sizes, not a strong Fashion-MNIST classifier.
                   "which overwrites `unet/`, writes `train_log.json` and removes the checkpoint.") if prov else (
                   f"**Status: finished** ({steps} steps). {_time_text(lg)}.")
         jac = mt.get("jacobian_check")
+        n_eval = mt.get("n_samples", 1000)
         jac_text = ""
         if jac:
             jac_text = f"""
@@ -1157,7 +1158,7 @@ so the full run is about {steps * 2.5 / 60:.0f} min of one core. Loss (mean of t
 ![samples](sample_grid.png)
 
 **Quality{' (provisional weights, step ' + str(prov['step']) + ')' if prov else ''}.** {_fashion_quality(mt)}
-Measured with `{cmd.format(stages=('export ' if prov else '') + 'eval cards')} --eval-samples {mt.get('n_samples', 1000)}`.
+Measured with `{cmd.format(stages=('export ' if prov else '') + 'eval cards')} --eval-samples {n_eval}`.
 {jac_text}
 **Reproduce:** `{cmd.format(stages='data ddpm classifier eval cards')}` (add `--resume` to continue a checkpoint;
 `kill PID` stops a run at a checkpoint). Evaluation only: `{cmd.format(stages='eval cards')}`
