@@ -285,8 +285,8 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
             raise ValueError("the measurement contains NaN or Inf")
         # the defaults table's row for this model (the embedded models' own rows when loaded from their folders)
         defaults = method_defaults(method, model_family(getattr(self, "name_or_path", None)))
-        steps = int(defaults.pop("steps")) if num_inference_steps is None else int(num_inference_steps)
-        defaults.pop("steps", None)
+        default_steps = int(defaults.pop("steps"))
+        steps = default_steps if num_inference_steps is None else int(num_inference_steps)
         batch = int(num_samples) if num_samples is not None else int(y.shape[0])
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for {batch} samples")

@@ -294,6 +294,16 @@ class JVPSource:
         return A
 
 
+def _compress(A: LowRankSym, project: Tensor | None) -> LowRankSym:
+    """``A`` with its eigenvectors projected off the unit vectors ``project`` (the radial exclusion of a
+    prior's curvature); ``A`` itself when ``project`` is None."""
+    if project is None:
+        return A
+    n = project.to(A.U.dtype)
+    U = A.U - n[:, :, None] * (n[:, :, None] * A.U).sum(1, keepdim=True)
+    return LowRankSym(torch.linalg.qr(U)[0], A.s, A.s0)
+
+
 class DataCovarianceSource:
     """Curvature of a Gaussian with the data's covariance (a model-free prior): with
     ``Sigma = V diag(c) V^T + c0 (I - V V^T)``, ``A = Sigma (Sigma + rho^2 I)^{-1}`` has eigenvalues
@@ -334,13 +344,7 @@ class DataCovarianceSource:
         return LowRankSym(U, s, s0)
 
     def estimate(self, ctx: Any, eps: Tensor, rho: float, project: Tensor | None) -> LowRankSym | None:
-        A = self.at(rho, eps.shape[0])
-        if project is None:
-            return A
-        # the compressed operator P A P on the complement of the unit vectors ``project``
-        n = project.to(A.U.dtype)
-        U = A.U - n[:, :, None] * (n[:, :, None] * A.U).sum(1, keepdim=True)
-        return LowRankSym(torch.linalg.qr(U)[0], A.s, A.s0)
+        return _compress(self.at(rho, eps.shape[0]), project)
 
 
 class GatedSource:
@@ -396,12 +400,7 @@ class StatsSource:
         k = int(torch.argmin((self.rhos.log() - math.log(rho)).abs()))
         B = eps.shape[0]
         A = LowRankSym(self.U[k].expand(B, -1, -1), self.s[k].expand(B, -1), self.s0[k].expand(B))
-        A = transport(A, float(self.rhos[k]), rho)
-        if project is None:
-            return A
-        n = project.to(A.U.dtype)
-        U = A.U - n[:, :, None] * (n[:, :, None] * A.U).sum(1, keepdim=True)
-        return LowRankSym(torch.linalg.qr(U)[0], A.s, A.s0)
+        return _compress(transport(A, float(self.rhos[k]), rho), project)
 
     def save(self, path: str | Any, overwrite: bool = False) -> None:
         from safetensors.torch import save_file
