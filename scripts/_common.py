@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from hessdiff.scripts.cli import CLIError
+from hessdiff.utils.pictures import image_grid, labelled_row, to_rgb_uint8, upscale_nearest  # noqa: F401 (re-exported)
 
 __all__ = [
     "DTYPES",
@@ -387,81 +388,6 @@ def png_writer(picture: np.ndarray) -> Callable[[Path], None]:
         Image.fromarray(picture).save(tmp, format="PNG")
 
     return write
-
-
-# ================================================================================ pictures
-def to_rgb_uint8(x: Tensor) -> np.ndarray:
-    """One image ``[1, C, H, W]`` / ``[C, H, W]`` in [-1, 1] (C = 1 or 3) -> uint8 ``[H, W, 3]``,
-    with the fixed mapping ``round((clamp(x, -1, 1) + 1) * 127.5)`` (never a per-image min-max)."""
-    from hessdiff.utils.images import to_uint8_array
-
-    arr = to_uint8_array(x.detach().float().cpu())
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    return np.ascontiguousarray(arr)
-
-
-def upscale_nearest(arr: np.ndarray, factor: int) -> np.ndarray:
-    """Nearest-neighbour upscaling of an ``[H, W, ...]`` array by an integer ``factor`` (pixels stay sharp)."""
-    if factor <= 1:
-        return arr
-    return np.repeat(np.repeat(arr, factor, axis=0), factor, axis=1)
-
-
-def _fit_factor(side: int, min_side: int) -> int:
-    return max(1, -(-int(min_side) // max(1, int(side))))
-
-
-def image_grid(pictures: Sequence[np.ndarray], *, ncols: int | None = None, min_tile: int = 64,
-               gap: int = 2) -> np.ndarray:
-    """Tile uint8 ``[H, W, 3]`` pictures (all the same size) into a grid, ``ncols`` columns (default: about
-    square), each upscaled by nearest neighbour to at least ``min_tile`` pixels, with ``gap`` white pixels."""
-    if not pictures:
-        raise ValueError("image_grid: no pictures")
-    h, w = pictures[0].shape[:2]
-    if any(p.shape != pictures[0].shape for p in pictures):
-        raise ValueError("image_grid: all pictures must have the same shape")
-    n = len(pictures)
-    ncols = ncols or int(np.ceil(np.sqrt(n)))
-    nrows = int(np.ceil(n / ncols))
-    f = _fit_factor(min(h, w), min_tile)
-    th, tw = h * f, w * f
-    grid = np.full((nrows * th + (nrows - 1) * gap, ncols * tw + (ncols - 1) * gap, 3), 255, dtype=np.uint8)
-    for k, p in enumerate(pictures):
-        r, c = divmod(k, ncols)
-        grid[r * (th + gap): r * (th + gap) + th, c * (tw + gap): c * (tw + gap) + tw] = upscale_nearest(p, f)
-    return grid
-
-
-def labelled_row(pictures: Sequence[np.ndarray], labels: Sequence[str], *, min_side: int = 128,
-                 gap: int = 4) -> np.ndarray:
-    """Pictures side by side (uint8 ``[H_i, W_i, 3]``), each upscaled by nearest neighbour to the height of
-    the tallest one and to at least ``min_side`` pixels, with a caption strip above each."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    if len(pictures) != len(labels) or not pictures:
-        raise ValueError("labelled_row: one label per picture")
-    height = max(max(p.shape[0] for p in pictures), min_side)
-    panels = []
-    for p in pictures:
-        f = _fit_factor(p.shape[0], height)
-        q = upscale_nearest(p, f)
-        if q.shape[0] != height:  # sizes that do not divide: resample the last bit with nearest neighbour
-            w = max(1, round(q.shape[1] * height / q.shape[0]))
-            q = np.asarray(Image.fromarray(q).resize((w, height), resample=Image.NEAREST))
-        panels.append(q)
-    caption = 16
-    total_w = sum(p.shape[1] for p in panels) + gap * (len(panels) - 1)
-    canvas = Image.new("RGB", (total_w, height + caption), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    x = 0
-    for p, label in zip(panels, labels, strict=True):
-        canvas.paste(Image.fromarray(p), (x, caption))
-        tw = draw.textlength(label, font=font)
-        draw.text((x + max(0, (p.shape[1] - tw) / 2), 2), label, fill=(0, 0, 0), font=font)
-        x += p.shape[1] + gap
-    return np.asarray(canvas)
 
 
 # ================================================================================ progress

@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (default: cuda:LOCAL_RANK if available), cpu, cuda, cuda:1")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per process (default: PyTorch's; torchrun sets 1)")
+    p.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
+                   help="with torchrun: how long a process waits for the others at the start, and rank 0 at the "
+                        "end without another process finishing an item, before stopping (default: 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="do not write plots/*.png")
     p.add_argument("--check", action="store_true", help="validate the configuration, print it resolved, and exit")
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         report = run_sweep(cfg, args.out, resume=args.resume, limit=args.limit, device=args.device,
-                           progress=not args.no_progress, plots=not args.no_plots,
+                           progress=not args.no_progress, plots=not args.no_plots, dist_timeout=args.dist_timeout,
                            log=(lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else None)
     except (SweepError, ModelLoadError) as err:
         raise CLIError(str(err)) from err

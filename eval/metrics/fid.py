@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from hessdiff.eval.images import as_uint8_image
-from hessdiff.eval.metrics.weights import default_cache_dir, ensure_weights_file
+from hessdiff.eval.metrics.weights import MissingWeightsError, default_cache_dir, ensure_weights_file
 from hessdiff.utils.files import atomic_write
 
 __all__ = [
@@ -391,10 +391,12 @@ class CleanFIDInception:
     as ``(x - 128) / 128`` and passed through the TorchScript network
     ``inception-2015-12-05.pt`` (the TensorFlow FID Inception).
 
-    Weights are looked for at ``weights_path`` if given, else at :func:`inception_weights_path`
-    and then at clean-fid's own location (``/tmp/inception-2015-12-05.pt``). If absent they are
-    downloaded to :func:`inception_weights_path` (when ``download``), and if that fails a
-    :class:`~hessdiff.eval.metrics.weights.MissingWeightsError` names the file and that path.
+    Weights are looked for at ``weights_path`` if given, else at :func:`inception_weights_path`. If
+    absent they are downloaded there (when ``download``), and if that fails a
+    :class:`~hessdiff.eval.metrics.weights.MissingWeightsError` names the file and that path. clean-fid's
+    own download location (``/tmp/inception-2015-12-05.pt``) is deliberately not used: ``/tmp`` is writable
+    by every user and ``torch.jit.load`` of a planted file would run its code; the error says so when a
+    file is there.
     """
 
     name = "inception-v3-clean-fid"
@@ -413,13 +415,15 @@ class CleanFIDInception:
             path = ensure_weights_file(weights_path, what="FID/KID Inception-v3 (clean-fid)", url=INCEPTION_URL,
                                        download=download)
         else:
-            path = ensure_weights_file(
-                inception_weights_path(),
-                what="FID/KID Inception-v3 (clean-fid)",
-                url=INCEPTION_URL,
-                download=download,
-                alternatives=(_cleanfid_inception_path(),),
-            )
+            try:
+                path = ensure_weights_file(inception_weights_path(), what="FID/KID Inception-v3 (clean-fid)",
+                                           url=INCEPTION_URL, download=download)
+            except MissingWeightsError as err:
+                other = _cleanfid_inception_path()
+                if other.is_file():  # never loaded from there: a world-writable folder, and torch.jit.load runs code
+                    err.args = (f"{err.args[0]}. (clean-fid's copy at {other} is not used: that folder is writable "
+                                f"by every user; if you trust the file, copy it to {inception_weights_path()})",)
+                raise
         self.device = torch.device(device)
         self.weights_path = path
         with warnings.catch_warnings():

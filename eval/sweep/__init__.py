@@ -16,6 +16,7 @@ Output folder (``out``)::
     results.jsonl                  one line per finished sample item, in item order
     summary.csv / summary.md / summary.json    per-configuration mean ± sd, FID / KID, NFE, time
     plots/<metric>.png             each metric against NFE, one line per method (per model and task)
+    pictures/<model>/<task>.png    the first 4 images: clean | measurement | each method and step count
 
 Determinism
 -----------
@@ -37,7 +38,12 @@ and its image / features files exist. A kill at any moment therefore leaves fini
 and unfinished ones absent; a restart (``resume=True``) computes exactly the missing items. The
 summaries are rebuilt from the per-item files, never appended to. Leftover temporary files of a
 killed run are removed at the next start. The folder is locked (``fcntl.flock``) while a sweep runs
-in it, and a folder holding another configuration's results is refused (:class:`SweepMismatchError`).
+in it, and a folder holding another configuration's results is refused (:class:`SweepMismatchError`)
+unless ``resume=True``: then the sweep is *extended*. Each item record carries the identity of its
+result (``reuse``: model weights, task, method options, step count, image content and seed, the
+outputs asked for -- not the batch size, the seed list or the other images), and a finished item with
+the same identity is reused; so adding a method, a step count, a seed, a task or images computes only
+the new items. Items of configurations no longer listed stay on disk but leave the summaries.
 
 Several processes
 -----------------
@@ -45,9 +51,11 @@ Under ``torchrun --nproc_per_node N`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`
 environment) the process group is initialised with ``gloo`` on CPU and ``nccl`` on CUDA (each rank
 on ``cuda:LOCAL_RANK``). Rank 0 checks the folder, finds the pending batches and broadcasts them;
 rank ``r`` computes pending batches ``r, r + N, ...``. The output folder must be on a file system
-shared by all ranks (checked at start). After a barrier, rank 0 reads every item's features from
-disk and computes FID / KID once from all of them, in item order, so the numbers equal those of a
-single process (never an average of per-rank FIDs).
+shared by all ranks (checked at start). Rank 0 then waits until every other rank's items are on disk
+(``dist_timeout`` minutes without a new item stops it with an error naming the ranks: a frozen rank
+does not block the others for long), reads every item's features and computes FID / KID once from
+all of them, in item order, so the numbers equal those of a single process (never an average of
+per-rank FIDs).
 
 Modules
 -------

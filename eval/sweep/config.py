@@ -46,7 +46,7 @@ Schema (all sections but ``[[methods]]`` are optional)::
     paired = ["psnr", "ssim", "lpips_alex"]   # default for restoration sweeps; [] for generation
     fid = true                    # per-configuration FID against the reference set
     kid = false
-    features = "auto"             # auto | domain | inception | pixels | none
+    features = "auto"             # auto | domain | domain-fashion | inception | pixels | none
     reference = "data"            # "data" (the clean images), a folder, or "embedded:mnist-test"
     reference_first_n = 0         # 0: all reference images
     kid_subsets = 100
@@ -93,14 +93,18 @@ __all__ = [
     "FEATURE_CHOICES",
 ]
 
-EMBEDDED_DATA = {"mnist-test": "the 500 held-out MNIST digits shipped with hessdiff (1x32x32)"}
+EMBEDDED_DATA = {"mnist-test": "the 500 held-out MNIST digits shipped with hessdiff (1x32x32, class-balanced order)",
+                 "fashion-test": "the 1,000 held-out Fashion-MNIST images shipped with hessdiff (1x32x32, "
+                                 "class-balanced order)"}
 """Data sets shipped with hessdiff, usable as ``[data] embedded = NAME`` or ``reference = "embedded:NAME"``."""
 
-FEATURE_CHOICES = ("auto", "domain", "inception", "pixels", "none")
+FEATURE_CHOICES = ("auto", "domain", "domain-fashion", "inception", "pixels", "none")
 """``[metrics] features`` values: ``domain`` = the embedded MNIST classifier's 128-d features,
+``domain-fashion`` = the embedded Fashion-MNIST classifier's,
 ``inception`` = clean-fid's Inception-v3 (weights needed), ``pixels`` = 8x8 average-pooled pixels
 (weight-free smoke-test proxy, not comparable to published FID), ``auto`` = ``domain`` when every
-model is an embedded MNIST model, else ``inception``."""
+model is an embedded MNIST model, ``domain-fashion`` when every model is an embedded Fashion-MNIST
+model, else ``inception``."""
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 _TOP_KEYS = ("sweep", "models", "data", "tasks", "methods", "metrics")
@@ -598,8 +602,9 @@ def _parse_methods(name: str, raw: Any, methods: Mapping[str, Any], model_labels
 def _auto_features(models: Sequence[ModelEntry]) -> str:
     from hessdiff.samplers.models import EMBEDDED_MODELS
 
-    if models and all(EMBEDDED_MODELS.get(m.source, "").startswith("mnist") for m in models):
-        return "domain"
+    for family, features in (("mnist", "domain"), ("fashion", "domain-fashion")):
+        if models and all(EMBEDDED_MODELS.get(m.source, "").startswith(family) for m in models):
+            return features
     return "inception"
 
 

@@ -98,7 +98,7 @@ class _ImageSet:
         else:
             from hessdiff.samplers.models import embedded_dataset
 
-            x = embedded_dataset("test")
+            x = embedded_dataset("test", family=embedded.split("-", 1)[0])
             if first_n is not None:
                 if first_n > x.shape[0]:
                     raise ValueError(f"first_n={first_n} but embedded:{embedded} has only {x.shape[0]} images")
@@ -108,6 +108,9 @@ class _ImageSet:
             self.files = [f"{embedded}/{i:05d}" for i in range(u.shape[0])]
             self.hashes = [None] * len(self.files)
             self.digest = hashlib.sha256(self._uint8.numpy().tobytes()).hexdigest()
+        #: per-image content hashes (what an item's result depends on: see work._image_identity)
+        self.content: list[str] = [h if h is not None else hashlib.sha256(self._uint8[i].numpy().tobytes()).hexdigest()
+                                   for i, h in enumerate(self.hashes)]
         self.ids = _unique_ids(self.files, self.hashes)
         self.seeds = [base_seed + i for i in range(len(self.files))]
 

@@ -47,9 +47,10 @@ Feature extractors
 ------------------
 :data:`FEATURE_EXTRACTORS` maps the ``[metrics] features`` names to factories ``f(device) ->
 extractor`` (``extractor(uint8 [B, 3, H, W]) -> [B, F]`` with a ``name``; see
-:mod:`hessdiff.eval.metrics.fid`): ``domain`` (the embedded MNIST classifier, 128-d), ``inception``
-(clean-fid's Inception-v3; raises :class:`~hessdiff.eval.metrics.weights.MissingWeightsError` without its
-weights), ``pixels`` (8x8 average-pooled pixels in [0, 1], 192-d; weight-free, for smoke tests only).
+:mod:`hessdiff.eval.metrics.fid`): ``domain`` (the embedded MNIST classifier, 128-d), ``domain-fashion``
+(the Fashion-MNIST one), ``inception`` (clean-fid's Inception-v3; raises
+:class:`~hessdiff.eval.metrics.weights.MissingWeightsError` without its weights), ``pixels`` (8x8
+average-pooled pixels in [0, 1], 192-d; weight-free, for smoke tests only).
 """
 
 from __future__ import annotations
@@ -470,14 +471,14 @@ class PixelFeatures:
 
 
 class DomainFeatures:
-    """The embedded MNIST classifier's penultimate features (128-d) of uint8 ``[B, 3, 32, 32]`` digits."""
+    """An embedded classifier's penultimate features (128-d) of uint8 ``[B, 3, 32, 32]`` images: the
+    MNIST classifier (``family="mnist"``) or the Fashion-MNIST one (``family="fashion"``)."""
 
-    name = "mnist-classifier-128"
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", family: str = "mnist") -> None:
         from hessdiff.samplers.models import load_classifier
 
-        self.classifier = load_classifier("hessdiff/mnist-classifier").to(device)
+        self.name = f"{family}-classifier-128"
+        self.classifier = load_classifier(f"hessdiff/{family}-classifier").to(device)
 
     def __call__(self, images: Tensor) -> Tensor:
         from hessdiff.samplers.models import domain_features
@@ -495,6 +496,7 @@ def _inception(device: torch.device) -> Any:
 FEATURE_EXTRACTORS: dict[str, Callable[[torch.device], Any]] = {
     "pixels": lambda device: PixelFeatures(8),
     "domain": lambda device: DomainFeatures(device),
+    "domain-fashion": lambda device: DomainFeatures(device, "fashion"),
     "inception": _inception,
 }
 """Feature-extractor factories by ``[metrics] features`` name."""

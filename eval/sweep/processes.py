@@ -14,7 +14,10 @@ from hessdiff.eval.sweep.store import SweepError
 class _Dist:
     """This process's place in a (possibly single-process) run."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, timeout_minutes: float = 30.0) -> None:
+        if not (isinstance(timeout_minutes, int | float) and 0 < timeout_minutes < 1e6):
+            raise SweepError(f"the process-group timeout must be a positive number of minutes, got {timeout_minutes!r}")
+        self.timeout_minutes = float(timeout_minutes)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -41,7 +44,7 @@ class _Dist:
                 self.backend = str(dist.get_backend())
             else:
                 self.backend = "nccl" if self.device.type == "cuda" else "gloo"
-                dist.init_process_group(self.backend, timeout=_dt.timedelta(hours=2))
+                dist.init_process_group(self.backend, timeout=_dt.timedelta(minutes=self.timeout_minutes))
                 self.owns_group = True
             if dist.get_world_size() != self.world or dist.get_rank() != self.rank:
                 raise SweepError("RANK / WORLD_SIZE disagree with the initialised process group")
@@ -54,10 +57,13 @@ class _Dist:
         if self.world > 1:
             import torch.distributed as dist
 
-            if self.backend == "nccl":
-                dist.barrier(device_ids=[self.device.index or 0])
-            else:
-                dist.barrier()
+            try:
+                if self.backend == "nccl":
+                    dist.barrier(device_ids=[self.device.index or 0])
+                else:
+                    dist.barrier()
+            except RuntimeError as err:
+                raise self._timed_out(err) from err
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
@@ -66,8 +72,17 @@ class _Dist:
         import torch.distributed as dist
 
         box = [obj if self.main else None]
-        dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
+        try:
+            dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
+        except RuntimeError as err:
+            raise self._timed_out(err) from err
         return box[0]
+
+    def _timed_out(self, err: Exception) -> SweepError:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return SweepError(f"rank {self.rank} of {self.world}: waiting for the other processes failed ({first[:200]}); "
+                          f"a process stopped, froze or died (the timeout is {self.timeout_minutes:g} min, "
+                          "--dist-timeout). Finished items are kept: run again with --resume")
 
     def close(self) -> None:
         if self.owns_group:

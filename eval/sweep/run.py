@@ -222,6 +222,7 @@ class _Runner:
                 "format": ITEM_FORMAT,
                 "sweep_hash": self.sweep_hash,
                 "key": it.key,
+                "reuse": it.reuse,
                 "index": it.index,
                 "config_label": unit.label,
                 "config_hash": unit.config_hash,
@@ -265,7 +266,8 @@ class _Runner:
                 continue
             atomic_write(self.out / f"{it.stem}.npy", _npy_bytes(feats[j]), overwrite=True, mkdir=True)
             write_json(self.out / f"{it.stem}.json", {
-                "format": ITEM_FORMAT, "sweep_hash": self.sweep_hash, "key": it.key, "index": it.index,
+                "format": ITEM_FORMAT, "sweep_hash": self.sweep_hash, "key": it.key, "reuse": it.reuse,
+                "index": it.index,
                 "image": {"id": ref.ids[it.image], "file": ref.files[it.image]},
                 "features_name": getattr(ext, "name", None), "files": {"features": f"{it.stem}.npy"},
             })
@@ -284,6 +286,7 @@ def run_sweep(
     feature_extractor: Any | None = None,
     plots: bool = True,
     log: Callable[[str], None] | None = None,
+    dist_timeout: float = 30.0,
 ) -> SweepReport:
     """Run (or continue) a sweep in ``out`` and rebuild its summaries.
 
@@ -300,6 +303,10 @@ def run_sweep(
             ``name`` replaces the configured one in the sweep's identity).
         plots: write ``plots/<metric>.png`` (needs matplotlib).
         log: where to send one-line messages (default: nothing).
+        dist_timeout: with several processes (``torchrun``), minutes a process waits for the others at
+            the start, and the longest rank 0 waits at the end without any other process finishing an
+            item, before it stops with a :class:`SweepError` (finished items are kept; ``resume``
+            continues). Raise it when one batch takes longer.
 
     Raises:
         SweepConfigError: invalid configuration; SweepMismatchError: ``out`` holds another sweep;
@@ -324,8 +331,9 @@ def run_sweep(
         raise SweepError(f"cannot create the output folder {out}: {above} is a file, not a folder")
     # what this call creates, so that a run failing before its first item leaves the folder as it found it
     made_meta = not (out / SWEEP_FILE).exists()
+    old_meta = None if made_meta else _read_bytes(out / SWEEP_FILE)  # an extended sweep's file, put back on failure
     made_lock = not (out / LOCK_FILE).exists()
-    dist = _Dist(device)
+    dist = _Dist(device, dist_timeout)
     lock = _FolderLock(out / LOCK_FILE)
     try:
         return _run_sweep(cfg, out, dist, lock, resume=resume, limit=limit, progress=progress,
@@ -334,10 +342,43 @@ def run_sweep(
         if dist.main and made_meta:
             lock.release()
             _undo_new_folder(out, made_lock, missing_dirs)
+        elif dist.main and old_meta is not None and _read_bytes(out / SWEEP_FILE) != old_meta:
+            atomic_write(out / SWEEP_FILE, old_meta, overwrite=True)  # items keep their own identities
         raise
     finally:
         lock.release()
         dist.close()
+
+
+def _wait_for_items(out: Path, waiting: list[tuple[int, _Item]], sweep_hash: str, timeout_minutes: float,
+                    say: Callable[[str], None], poll_s: float = 2.0) -> None:
+    """Rank 0: wait until every ``(rank, item)`` of ``waiting`` is on disk. The timeout is on progress:
+    a :class:`SweepError` naming the ranks comes when no item has appeared for ``timeout_minutes``."""
+    left = list(waiting)
+    last = time.monotonic()
+    if left:
+        say(f"waiting for {len(left)} item(s) of rank(s) {sorted({r for r, _ in left})}")
+    while left:
+        still = [(r, it) for r, it in left if not _item_done(out, it, sweep_hash)]
+        if len(still) < len(left):
+            last = time.monotonic()
+        left = still
+        if not left:
+            return
+        if time.monotonic() - last > timeout_minutes * 60:
+            ranks = sorted({r for r, _ in left})
+            raise SweepError(f"rank(s) {', '.join(map(str, ranks))} finished no item for {timeout_minutes:g} min "
+                             f"({len(left)} item(s) outstanding): a process stopped, froze or died. The finished "
+                             "items are kept: run again with --resume to compute the rest, or raise --dist-timeout "
+                             "(minutes) if one batch takes longer")
+        time.sleep(min(poll_s, max(timeout_minutes * 60 / 10, 0.01)))
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _undo_new_folder(out: Path, made_lock: bool, missing_dirs: list[Path]) -> None:
@@ -403,7 +444,9 @@ def _run_sweep(cfg: SweepConfig, out: Path, dist: _Dist, lock: _FolderLock, *, r
         out.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     # -- folder checks (rank 0 decides, everyone follows) --
-    err = _prepare_folder(out, identity, sweep_hash, info, resume) if dist.main else None
+    err, note = _prepare_folder(out, identity, sweep_hash, info, resume) if dist.main else (None, None)
+    if note:
+        say(note)
     err = dist.broadcast(err)
     if err:
         if "different sweep" in err:
@@ -418,7 +461,7 @@ def _run_sweep(cfg: SweepConfig, out: Path, dist: _Dist, lock: _FolderLock, *, r
     runner = _Runner(cfg, out, dist, feature_extractor)
     runner.sweep_hash = sweep_hash
     has_features = m.needs_features and runner.extractor is not None
-    items, batches = _build_work(cfg, data, ref)
+    items, batches = _build_work(cfg, data, ref, resolved["metrics"]["features"])
     sample_items = [it for it in items if it.unit.kind == "sample"]
 
     # -- pending work (rank 0 scans, broadcasts) --
@@ -478,7 +521,10 @@ def _run_sweep(cfg: SweepConfig, out: Path, dist: _Dist, lock: _FolderLock, *, r
     finally:
         if bar is not None:
             bar.close()
-    dist.barrier()
+    if dist.main and dist.world > 1:  # the others' items, as they appear (not a barrier with a fixed timeout)
+        others = [(r, it) for r in range(1, dist.world) for j in plan["batches"][r::dist.world]
+                  for it in batches[j][1] if it.index in pending and (has_features or it.unit.kind == "sample")]
+        _wait_for_items(out, others, sweep_hash, dist.timeout_minutes, say)
 
     report = SweepReport(out=out, sweep_hash=sweep_hash, num_items=len(sample_items), num_done=0,
                          num_computed=computed, seconds=0.0,
@@ -486,7 +532,7 @@ def _run_sweep(cfg: SweepConfig, out: Path, dist: _Dist, lock: _FolderLock, *, r
                          rank=dist.rank, world_size=dist.world,
                          skipped_files=list(data.skipped) if data else [])
     if dist.main:
-        summary, files, n_done = _finalize(cfg, out, items, sweep_hash, runner, plots)
+        summary, files, n_done = _finalize(cfg, out, items, sweep_hash, runner, plots, data)
         report.summary, report.files, report.num_done = summary, files, n_done
     report.seconds = time.perf_counter() - t_begin
     return report

@@ -108,40 +108,87 @@ class _FolderLock:
             self.fd = None
 
 
+def _short(v: Any, limit: int = 70) -> str:
+    """``v`` as JSON, shortened at a value boundary: a long dict or list shows its first entries and
+    how many more there are; a long string ends in ``...``."""
+    text = json.dumps(v, sort_keys=True)
+    if len(text) <= limit:
+        return text
+    if isinstance(v, dict):
+        name = v.get("label", v.get("name"))
+        head = f"label {json.dumps(name)}, " if name is not None else ""
+        return "{" + head + f"{len(v)} keys: " + ", ".join(sorted(v)[:6]) + (", ..." if len(v) > 6 else "") + "}"
+    if isinstance(v, list):
+        shown = []
+        for e in v:
+            piece = _short(e, limit // 2)
+            if len(", ".join(shown + [piece])) > limit:
+                break
+            shown.append(piece)
+        return "[" + ", ".join(shown) + (f", ... ({len(v) - len(shown)} more)" if len(shown) < len(v) else "") + "]"
+    return text[: limit - 3] + "..."
+
+
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:
-    """Human-readable differences between two JSON values (at most a few)."""
+    """Human-readable differences between two JSON values: dicts key by key, lists entry by entry
+    (entries added or removed at the end are named), each value shown whole or cut at a value boundary."""
     if isinstance(a, dict) and isinstance(b, dict):
         out: list[str] = []
         for k in sorted(set(a) | set(b)):
             out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)
         return out
+    if isinstance(a, list) and isinstance(b, list) and a != b:
+        out = []
+        for k in range(min(len(a), len(b))):
+            out += _diff(a[k], b[k], f"{path}[{k}]")
+        out += [f"{path}[{k}]: added {_short(b[k])}" for k in range(len(a), len(b))]
+        out += [f"{path}[{k}]: removed {_short(a[k])}" for k in range(len(b), len(a))]
+        return out
     if a != b:
-        return [f"{path}: {json.dumps(a)[:60]} -> {json.dumps(b)[:60]}"]
+        return [f"{path}: {_short(a)} -> {_short(b)}"]
     return []
 
 
+def _differences(old: Any, new: Any) -> str:
+    diffs = _diff(old, new)
+    return "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "") if diffs else "unknown"
+
+
 def _prepare_folder(out: Path, identity: dict[str, Any], sweep_hash: str, info: dict[str, Any],
-                    resume: bool) -> str | None:
-    """Rank 0: check / create ``sweep.json``. Returns an error message or None."""
+                    resume: bool) -> tuple[str | None, str | None]:
+    """Rank 0: check / create ``sweep.json``. Returns ``(error, note)``.
+
+    A folder holding a *different* configuration is extended with ``resume``: ``sweep.json`` takes the
+    new identity (the earlier hashes are listed under ``extended_from``), finished items whose result
+    identity is unchanged are reused (:func:`~hessdiff.eval.sweep.work._item_done`), the others are
+    computed; items of configurations no longer in the sweep stay on disk but leave the summaries."""
     meta_path = out / SWEEP_FILE
     if meta_path.exists():
         meta = _read_json(meta_path)
         if not isinstance(meta, dict) or "sweep_hash" not in meta:
-            return f"{meta_path} is not a readable sweep file; refusing to write into {out}"
+            return f"{meta_path} is not a readable sweep file; refusing to write into {out}", None
         if meta["sweep_hash"] != sweep_hash:
-            diffs = _diff(meta.get("identity", {}), identity)
-            shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-            return (f"{out} holds results of a different sweep configuration (hash {meta['sweep_hash']}, this "
-                    f"configuration is {sweep_hash}); refusing to mix results. Differences: {shown or 'unknown'}. "
-                    "Use another --out folder (or remove the old one yourself).")
+            shown = _differences(meta.get("identity", {}), identity)
+            if not resume:
+                return (f"{out} holds results of a different sweep configuration (hash {meta['sweep_hash']}, this "
+                        f"configuration is {sweep_hash}). Differences: {shown}. Pass --resume (resume=True) to "
+                        "extend it: finished items with the same model, task, method options, steps, image and "
+                        "seed are reused and the rest is computed; or use another --out folder."), None
+            history = list(meta.get("extended_from") or []) + [meta["sweep_hash"]]
+            created = (meta.get("info") or {}).get("created", info.get("created"))
+            write_json(meta_path, {"format": "hessdiff.sweep/1", "sweep_hash": sweep_hash, "identity": identity,
+                                   "info": {**info, "created": created, "extended": info.get("created")},
+                                   "extended_from": history}, indent=2)
+            return None, (f"configuration changed since the last run in {out} ({meta['sweep_hash']} -> {sweep_hash}): "
+                          f"{shown}; finished items whose result does not depend on the change are reused")
         if not resume:
             return (f"{out} already holds this sweep (hash {sweep_hash}); pass --resume (resume=True) to continue "
-                    "it: finished items are kept and skipped")
-        return None
+                    "it: finished items are kept and skipped"), None
+        return None, None
     others = [p.name for p in out.iterdir() if p.name != LOCK_FILE and not is_temp_file(p.name)]
     if others:
         return (f"{out} is not empty and is not a sweep folder (found {', '.join(sorted(others)[:5])}); "
-                "use a new or empty --out folder")
+                "use a new or empty --out folder"), None
     write_json(meta_path, {"format": "hessdiff.sweep/1", "sweep_hash": sweep_hash, "identity": identity,
                                   "info": info}, indent=2)
-    return None
+    return None, None

@@ -17,7 +17,7 @@ import numpy as np
 
 from hessdiff.eval.sweep.config import SweepConfig
 from hessdiff.eval.sweep.store import _RUN_KEY, _dumps, _number, _read_json, write_json
-from hessdiff.eval.sweep.work import UNCONDITIONAL, _Item, _Unit
+from hessdiff.eval.sweep.work import UNCONDITIONAL, _Item, _record_current, _Unit
 from hessdiff.utils.files import atomic_write
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def _mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def _finalize(cfg: SweepConfig, out: Path, items: list[_Item], sweep_hash: str, runner: _Runner,
-              with_plots: bool) -> tuple[list[dict[str, Any]], dict[str, Path], int]:
+              with_plots: bool, data: Any | None = None) -> tuple[list[dict[str, Any]], dict[str, Path], int]:
     from hessdiff.eval.metrics.fid import FeatureStats, fid_from_stats, kernel_inception_distance
     from hessdiff.eval.sweep.methods import METHODS
 
@@ -69,7 +69,7 @@ def _finalize(cfg: SweepConfig, out: Path, items: list[_Item], sweep_hash: str, 
     ref_missing: dict[str, int] = {}
     for it in items:
         rec = _read_json(out / f"{it.stem}.json")
-        ok = isinstance(rec, dict) and rec.get("sweep_hash") == sweep_hash and rec.get("key") == it.key
+        ok = _record_current(rec, it, sweep_hash)
         if it.unit.kind == "reference":
             if ok:
                 ref_feats.setdefault(it.unit.model, []).append(np.load(out / f"{it.stem}.npy"))
@@ -163,7 +163,72 @@ def _finalize(cfg: SweepConfig, out: Path, items: list[_Item], sweep_hash: str, 
     plots = _plots(out / "plots", summary, metric_names) if with_plots else []
     if plots:
         files["plots"] = out / "plots"
+    if cfg.save_images and _pictures(out / "pictures", sample_items, records, runner, data, cfg.seeds[0]):
+        files["pictures"] = out / "pictures"
     return summary, files, n_done
+
+
+#: how many images (rows) the picture of each model and task shows
+PICTURE_ROWS = 4
+
+
+def _pictures(folder: Path, sample_items: list[_Item], records: dict[int, dict[str, Any]], runner: _Runner,
+              data: Any | None, seed: int, rows: int = PICTURE_ROWS) -> list[Path]:
+    """``pictures/<model>/<task>.png``: for the first ``rows`` images (first seed), clean | measurement |
+    each method and step count, from the item PNGs (a grey tile where an item is not done yet). Without
+    data (unconditional sweeps): one row per seed, the methods side by side."""
+    from PIL import Image
+
+    from hessdiff.eval.sweep.images import _to_model_space
+    from hessdiff.utils.pictures import blank_tile, labelled_grid, to_rgb_uint8
+
+    groups: dict[tuple[str, str], list[_Item]] = {}
+    for it in sample_items:
+        task = it.unit.task.label if it.unit.task else UNCONDITIONAL
+        groups.setdefault((it.unit.model, task), []).append(it)
+    written = []
+    for (model, task), its in groups.items():
+        units = list({it.unit.label: it.unit for it in its}.values())
+        if data is not None:
+            keys = list(dict.fromkeys(it.image for it in its if it.seed == seed))[:rows]
+        else:
+            keys = list(dict.fromkeys(it.seed for it in its))[:rows]
+        by_key = {(it.unit.label, it.image if data is not None else it.seed): it for it in its
+                  if data is None or it.seed == seed}
+        res, channels = runner.image_space(model)
+        h, w = res
+        labels = [f"{u.method.label} {u.steps}" if u.steps else u.method.label for u in units]
+        grid_rows = []
+        for key in keys:
+            row = []
+            if data is not None:
+                x = _to_model_space(data.load(key, res)[None], channels)
+                row.append(to_rgb_uint8(x[0]))
+                unit0 = units[0]
+                if unit0.task is not None:
+                    y = runner.task(unit0.task).measure(x, seed=[data.seeds[key]]).y
+                    row.append(to_rgb_uint8(y[:1].clamp(-1, 1)) if y.ndim == 4 and y.shape[1] in (1, 3)
+                               else blank_tile(h, w, "not an image"))
+            for u in units:
+                it = by_key.get((u.label, key))
+                rec = records.get(it.index) if it is not None else None
+                path = (rec.get("files") or {}).get("image") if rec else None
+                if path and (folder.parent / path).is_file():
+                    row.append(np.asarray(Image.open(folder.parent / path).convert("RGB")))
+                else:
+                    row.append(blank_tile(h, w, "pending" if it is not None else ""))
+            grid_rows.append(row)
+        if not grid_rows:
+            continue
+        head = (["clean", "measurement"] if data is not None and units[0].task is not None
+                else ["clean"] if data is not None else [])
+        picture = labelled_grid(grid_rows, head + labels)
+        target = folder / model / f"{task}.png"
+        buf = io.BytesIO()
+        Image.fromarray(picture).save(buf, format="PNG")
+        atomic_write(target, buf.getvalue(), overwrite=True, mkdir=True)
+        written.append(target)
+    return written
 
 
 #: counted passes of a method's cost record that the summaries average per image

@@ -266,9 +266,12 @@ def test_inception_missing_weights_error_names_the_path(tmp_path):
     assert time.perf_counter() - start < 5
     assert str(expected) in str(info.value) and fidmod.INCEPTION_URL in str(info.value)
     assert not expected.exists() and list(expected.parent.glob(".*.tmp")) == []
-    # clean-fid's own download location is accepted as well
-    _save_fake_inception(fidmod._cleanfid_inception_path())
-    assert CleanFIDInception(download=False).weights_path == fidmod._cleanfid_inception_path()
+    # clean-fid's own download location (/tmp, writable by every user) is not trusted; the error says so
+    planted = fidmod._cleanfid_inception_path()
+    _save_fake_inception(planted)
+    with pytest.raises(MissingWeightsError, match="is not used: that folder is writable by every user") as info:
+        CleanFIDInception(download=False)
+    assert str(expected) in str(info.value)
 
 
 # ---- caching -----------------------------------------------------------------------------------

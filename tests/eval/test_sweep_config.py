@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from hessdiff.eval.sweep.config import (
@@ -220,3 +221,25 @@ def test_methods_can_be_restricted_to_models():
             parse_config(raw, name="g.toml")
     assert parse_config({**gen, "methods": [{"name": "ddim", "steps": 4, "models": "mnist"}]},
                         name="g.toml").methods[0].models == ("mnist",)
+
+
+def test_fashion_sweeps_get_fashion_data_and_fashion_domain_features():
+    from hessdiff.eval.sweep.images import _ImageSet
+    from hessdiff.eval.sweep.methods import make_feature_extractor
+
+    raw = {"sweep": {"name": "f"}, "models": [{"name": "fashion"}], "data": {"embedded": "fashion-test", "first_n": 20},
+           "tasks": [{"name": "denoising"}], "methods": [{"name": "pinv"}], "metrics": {"fid": True}}
+    cfg = parse_config(raw, name="f.toml")
+    assert cfg.metrics.features == "domain-fashion"
+    ext = make_feature_extractor("domain-fashion")
+    assert ext.name == "fashion-classifier-128"
+    s = _ImageSet("data", embedded="fashion-test", first_n=20)
+    from hessdiff.samplers.models import embedded_dataset
+
+    x, labels = embedded_dataset("test", family="fashion", with_labels=True)
+    assert len(s) == 20 and sorted(labels[:20].tolist()) == sorted(list(range(10)) * 2)  # balanced first_n
+    assert torch.equal(s.load(0, (32, 32))[0], ((x[0, 0] + 1) * 127.5).round().to(torch.uint8))
+    feats = ext(s.load(0, (32, 32))[None])
+    assert feats.shape == (1, 128) and bool(torch.isfinite(torch.as_tensor(feats)).all())
+    mnist = parse_config({**raw, "models": [{"name": "mnist"}], "data": {"embedded": "mnist-test"}}, name="m.toml")
+    assert mnist.metrics.features == "domain"

@@ -51,7 +51,7 @@ def test_names_differing_only_in_unsafe_characters_stay_separate_items(tmp_path)
         _ImageSet("data", folder=data)
 
 
-def test_resume_after_an_in_place_edit_of_the_same_size_is_refused(tmp_path):
+def test_an_in_place_edit_of_the_same_size_is_seen_and_recomputed(tmp_path):
     data = tmp_path / "imgs"
     data.mkdir()
     for i in range(2):
@@ -68,8 +68,15 @@ def test_resume_after_an_in_place_edit_of_the_same_size_is_refused(tmp_path):
             break
         arr[1, seed % 16] = 255 - arr[1, seed % 16]
     assert (data / "im1.png").stat().st_size == before
-    with pytest.raises(SweepMismatchError, match="refusing to mix"):
-        run_sweep(cfg, out, resume=True, plots=False)
+    with pytest.raises(SweepMismatchError, match="different sweep configuration"):
+        run_sweep(cfg, out, plots=False)
+    old = {json.loads(line)["key"]: json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()}
+    rep = run_sweep(cfg, out, resume=True, plots=False)  # only the edited image's items are computed again
+    new = {json.loads(line)["key"]: json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()}
+    # its sample item and its reference features (the FID reference is the data)
+    assert rep.num_computed == sum("/im1/" in k for k in old) + 1 == 2 and new.keys() == old.keys()
+    for k in old:
+        assert (new[k]["reuse"] == old[k]["reuse"]) == ("/im1/" not in k), k  # a new result identity
 
 
 def test_truncated_jpeg_is_skipped_and_listed_not_a_crash(tmp_path):
@@ -159,3 +166,64 @@ def test_check_refuses_what_the_run_would_reject(method, model, message, tmp_pat
     out = tmp_path / "out"
     assert _cli_sweep(str(toml), "--out", str(out), "--no-progress", "--no-plots") == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def _records(out: Path) -> dict[str, dict]:
+    return {json.loads(line)["key"]: json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()}
+
+
+def test_a_finished_sweep_is_extended_reusing_unchanged_items(tmp_path):
+    """Adding a task, a seed and changing the batch size: only the new items are computed, the old item
+    files are not rewritten, and every result equals that of one run of the extended configuration."""
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for i in range(3):
+        _png(data / f"im{i}.png", i)
+    small = _config(data)
+    big = _config(data)
+    big["sweep"].update(seeds=[0, 1], batch_size=2)
+    big["tasks"].append({"name": "super_resolution", "label": "sr2", "params": {"scale": 2}})
+    out = tmp_path / "out"
+    run_sweep(parse_config(small, name="t.toml"), out, plots=False)
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "items").rglob("*") if p.is_file()}
+    with pytest.raises(SweepMismatchError) as info:  # without resume: refused, with a readable diff
+        run_sweep(parse_config(big, name="t.toml"), out, plots=False)
+    msg = str(info.value)
+    assert "tasks[1]: added {label \"sr2\"" in msg and "seeds: \"0\" -> \"0-1\"" in msg, msg
+    logs: list[str] = []
+    rep = run_sweep(parse_config(big, name="t.toml"), out, resume=True, plots=False, log=logs.append)
+    assert rep.num_items == 12 and rep.num_computed == 12 - 3 and rep.num_done == 12
+    assert any("configuration changed" in m and "reused" in m for m in logs), logs
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # the 3 old items untouched
+    fresh = tmp_path / "fresh"
+    run_sweep(parse_config(big, name="t.toml"), fresh, plots=False)
+    got, want = _records(out), _records(fresh)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k]["metrics"] == want[k]["metrics"] and got[k]["sampler_seed"] == want[k]["sampler_seed"], k
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and [c["n"] for c in summary["configurations"]] == [6, 6]
+    meta = json.loads((out / "sweep.json").read_text())
+    assert len(meta["extended_from"]) == 1
+    # back to the small configuration: nothing to compute (its items are still there)
+    assert run_sweep(parse_config(small, name="t.toml"), out, resume=True, plots=False).num_computed == 0
+
+
+def test_a_failed_extension_puts_sweep_json_back(tmp_path, monkeypatch):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    _png(data / "im0.png", 0)
+    out = tmp_path / "out"
+    run_sweep(parse_config(_config(data), name="t.toml"), out, plots=False)
+    before = (out / "sweep.json").read_bytes()
+    big = _config(data)
+    big["sweep"]["seeds"] = [0, 1]
+    from hessdiff.eval.sweep import run as run_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(run_mod._Runner, "run_batch", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_sweep(parse_config(big, name="t.toml"), out, resume=True, plots=False)
+    assert (out / "sweep.json").read_bytes() == before

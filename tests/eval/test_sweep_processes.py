@@ -190,3 +190,46 @@ def test_torchrun_two_processes_match_one(sweep_dir):
         assert a["n"] == b["n"] == N_IMAGES * 3
     for p in (ref / "items").rglob("*.png"):
         assert (out / p.relative_to(ref)).read_bytes() == p.read_bytes()
+
+
+def test_rank0_waits_on_progress_and_names_a_frozen_rank(tmp_path):
+    """The end-of-sweep wait: items appearing keep it going; none appearing for the timeout stops it
+    with one line naming the rank (a frozen rank no longer blocks for a fixed 2 hours)."""
+    import threading
+
+    from hessdiff.eval.sweep.run import _wait_for_items
+    from hessdiff.eval.sweep.store import SweepError
+    from hessdiff.eval.sweep.work import _Item, _Unit
+
+    unit = _Unit("sample", "m", None, None, 1, "m/t/x/1", "items/m", {}, "")
+    items = [_Item(i, unit, i, 0, f"k{i}", f"items/m/i{i}", f"r{i}") for i in range(3)]
+
+    def finish(it):
+        (tmp_path / "items" / "m").mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"{it.stem}.json").write_text(json.dumps({"key": it.key, "reuse": it.reuse, "files": {}}))
+
+    def later():
+        for it in items:
+            time.sleep(0.3)
+            finish(it)
+
+    t = threading.Thread(target=later)
+    t.start()
+    # each item comes 0.3 s after the last: a 0.01-minute (0.6 s) timeout on progress is never hit
+    _wait_for_items(tmp_path, [(1, it) for it in items], "h", 0.01, lambda s: None, poll_s=0.05)
+    t.join()
+    more = [_Item(3, unit, 3, 0, "k3", "items/m/i3", "r3")]
+    start = time.monotonic()
+    with pytest.raises(SweepError, match=r"rank\(s\) 2 finished no item for 0.01 min .*--resume.*--dist-timeout"):
+        _wait_for_items(tmp_path, [(2, more[0])], "h", 0.01, lambda s: None, poll_s=0.05)
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf"])
+def test_dist_timeout_is_checked(bad, sweep_dir, capsys):
+    from hessdiff.scripts.cmd_sweep import main
+
+    out = sweep_dir / "o"
+    assert main([str(sweep_dir / "sweep.toml"), "--out", str(out), "--dist-timeout", bad, "--no-progress"]) == 2
+    assert "timeout must be a positive number of minutes" in capsys.readouterr().err
+    assert not out.exists()

@@ -112,16 +112,15 @@ def test_restoration_sweep_files_metrics_and_resume(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (out / "items").rglob("*.json")} == stamp
     assert records(out) == recs
 
-    # the same folder without resume, or with another configuration, is refused
+    # the same folder without resume, or another configuration without resume, is refused
     with pytest.warns(UserWarning), pytest.raises(SweepError, match="pass --resume"):
         run_sweep(cfg, out, feature_extractor=ext)
-    with pytest.warns(UserWarning), pytest.raises(SweepMismatchError, match="features"):
-        run_sweep(cfg, out, resume=True)  # the configured extractor differs from the injected one
     other = restoration_config(data)
     other["sweep"]["seeds"] = [0, 1, 2]
-    mixed = r"refusing to mix.*seeds: \"0-1\" -> \"0-2\""
+    mixed = r"different sweep configuration.*seeds: \"0-1\" -> \"0-2\".*Pass --resume .* to extend it"
     with pytest.warns(UserWarning), pytest.raises(SweepMismatchError, match=mixed):
-        run_sweep(parse_config(other, name="t.toml"), out, resume=True, feature_extractor=ext)
+        run_sweep(parse_config(other, name="t.toml"), out, feature_extractor=ext)
+    assert records(out) == recs and {p: p.stat().st_mtime_ns for p in (out / "items").rglob("*.json")} == stamp
 
 
 def test_interrupted_in_pieces_equals_one_run(tmp_path):
@@ -251,6 +250,35 @@ def test_tiny_unet_generation_and_posterior_sampling(tmp_path):
     md = (out / "summary.md").read_text()
     assert "| network fwd / bwd | decoder fwd / bwd |" in md and "| 2 / 2 | 0 / 0 |" in md
     assert "network_forward" in (out / "summary.csv").read_text().splitlines()[0]
+    # one picture per model and task: a caption strip, then clean | measurement | dps 2 | pinv for 4 images
+    pic = np.asarray(Image.open(out / "pictures" / "tiny" / "box_inpainting.png"))
+    assert pic.shape[1] > 4 * 96 and pic.shape[0] > 4 * 96
+    assert rep.files["pictures"] == out / "pictures"
+
+
+def test_sweep_pictures_show_clean_measurement_and_every_method(tmp_path):
+    data = make_folder(tmp_path / "imgs", 5)
+    raw = restoration_config(data)
+    raw["methods"] = [{"name": "pinv"}, {"name": "pinv", "label": "again"}]
+    out = tmp_path / "out"
+    run_sweep(parse_config(raw, name="t.toml"), out, plots=False, limit=4)  # some items pending
+    pics = sorted(p.relative_to(out).as_posix() for p in (out / "pictures").rglob("*.png"))
+    assert pics == ["pictures/no-model/random_inpainting.png", "pictures/no-model/sr2.png"]
+    pic = np.asarray(Image.open(out / "pictures/no-model/random_inpainting.png"))
+    # 4 columns of 96-px tiles (16-px images enlarged 6x) + 3 gaps; a 16-px caption strip + 4 rows + 3 gaps
+    assert pic.shape == (16 + 4 * 96 + 3 * 4, 4 * 96 + 3 * 4, 3)
+    tile = lambda r, c: pic[16 + r * 100: 16 + r * 100 + 96, c * 100: c * 100 + 96]  # noqa: E731
+    from hessdiff.eval.sweep.images import _ImageSet
+
+    clean = _ImageSet("data", folder=data).load(0, (16, 16)).permute(1, 2, 0).numpy()
+    first = next(r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
+                 if r["image"]["index"] == 0 and r["seed"] == 0 and "/random_inpainting/pinv/" in r["key"])
+    done = np.asarray(Image.open(out / first["files"]["image"]).convert("RGB"))
+    assert np.array_equal(tile(0, 2)[::6, ::6], done)  # the method's saved image, enlarged
+    assert not np.array_equal(tile(0, 1), tile(0, 0))  # the measurement (half the pixels dropped)
+    assert np.array_equal(tile(0, 0)[::6, ::6], clean)  # the clean image as the sweep loads it
+    pending = [tile(r, 3) for r in range(4)]
+    assert any(np.median(t) == 225 for t in pending)  # the limit left "again" items pending: grey tiles
 
 
 def test_evaluate_folders_pairs_by_name(tmp_path):
