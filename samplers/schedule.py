@@ -41,7 +41,7 @@ __all__ = [
     "SPACINGS",
 ]
 
-SPACINGS = ("leading", "trailing", "linspace", "logsnr", "karras", "uniform")
+SPACINGS = ("leading", "trailing", "linspace", "logsnr", "karras", "uniform", "quadratic")
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -117,6 +117,12 @@ class NoiseSchedule:
         a, s = self.alpha_sigma(t)
         return torch.log(a) - torch.log(s)
 
+    def rho(self, t: Tensor | float) -> Tensor:
+        """``sigma_t / alpha_t`` (EDM's / the VE noise level ``exp(-lambda_t)``), the variable of the
+        noise-prediction ODE ``d(x / alpha) / d rho = eps``."""
+        a, s = self.alpha_sigma(t)
+        return s / a
+
     def t_from_lambda(self, lam: Tensor) -> Tensor:
         """Model time with the given log-SNR (inverse of :meth:`lambda_`)."""
         raise NotImplementedError
@@ -155,6 +161,15 @@ def _check_steps(num_steps: int) -> None:
 def _karras_sigmas(smin: float, smax: float, n: int, rho: float) -> Tensor:
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     return (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+
+
+def _quadratic_times(hi: float, lo: float, n: int) -> Tensor:
+    """``n`` times from ``hi`` to ``lo`` (both >= 0) uniform in ``sqrt(t)`` (DEIS's quadratic time steps)."""
+    if lo < 0:
+        raise ValueError(f"the quadratic spacing needs t >= 0, got t_end = {lo:g}")
+    ts = torch.linspace(math.sqrt(hi), math.sqrt(lo), n, dtype=torch.float64) ** 2
+    ts[0], ts[-1] = hi, lo  # exact ends (sqrt(t)^2 rounds)
+    return ts
 
 
 class DiscreteVPSchedule(NoiseSchedule):
@@ -265,6 +280,15 @@ class DiscreteVPSchedule(NoiseSchedule):
         ac = torch.where(exact, self.alphas_cumprod[lo.long()], 1.0 / (1.0 + torch.exp(2 * lr)))
         return ac.sqrt(), (1 - ac).sqrt()
 
+    def rho(self, t: Tensor | float) -> Tensor:
+        """``sigma / alpha = exp(log_ratio(t))`` from the interpolated table itself (no ``1 - alpha^2``
+        cancellation near ``t = 0``; agrees with ``alpha_sigma`` to ~1e-12 relative)."""
+        t = self._check_t(t)
+        lo = t.floor().clamp(0, self.num_train_timesteps - 1)
+        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
+        w = t - lo
+        return torch.exp((1 - w) * self._log_ratio[lo.long()] + w * self._log_ratio[hi.long()])
+
     def t_from_lambda(self, lam: Tensor) -> Tensor:
         lam = torch.as_tensor(lam, dtype=torch.float64)
         lr = -lam  # log(sigma/alpha), increasing in t
@@ -328,7 +352,9 @@ class DiscreteVPSchedule(NoiseSchedule):
 
         spacing: ``leading`` / ``trailing`` / ``linspace`` (diffusers' integer grids, see
           :meth:`diffusers_timesteps`), ``logsnr`` (uniform in log-SNR), ``karras`` (EDM's
-          ``rho`` spacing of ``sigma/alpha``) or ``uniform`` (uniform in ``t``); default: the config's.
+          ``rho`` spacing of ``sigma/alpha``), ``uniform`` (uniform in ``t``) or ``quadratic`` (uniform in
+          ``sqrt(t)``: DEIS's quadratic time steps, diff-sampler's ``time_uniform`` with exponent 2);
+          default: the config's.
         final: where the last step lands -- ``"zero"`` (clean, ``sigma = 0``), ``"diffusers"``
           (DDIM's convention: ``alpha = 1`` if ``set_alpha_to_one`` else ``alphas_cumprod[0]``),
           or ``"first"`` (``t = 0``).
@@ -341,6 +367,8 @@ class DiscreteVPSchedule(NoiseSchedule):
             ts = self.diffusers_timesteps(num_steps, spacing, style=style)
         elif spacing == "uniform":
             ts = torch.linspace(hi, lo, num_steps + 1, dtype=torch.float64)[:-1]
+        elif spacing == "quadratic":
+            ts = _quadratic_times(hi, lo, num_steps + 1)[:-1]
         elif spacing in ("logsnr", "karras"):
             lam_hi, lam_lo = self.lambda_(torch.tensor(hi)), self.lambda_(torch.tensor(lo))
             if spacing == "logsnr":
@@ -444,15 +472,17 @@ class ContinuousVPSchedule(NoiseSchedule):
         t_start: float | None = None,
         t_end: float | None = None,
     ) -> TimeGrid:
-        """``uniform`` (in t), ``logsnr`` or ``karras`` spacing from ``t_start`` (default ``t_max``)
-        to ``t_end`` (default ``t_min``); ``final="zero"`` lands on clean data after the last
-        step, ``final="end"`` lands on ``t_end``."""
+        """``uniform`` (in t), ``quadratic`` (uniform in ``sqrt(t)``), ``logsnr`` or ``karras`` spacing from
+        ``t_start`` (default ``t_max``) to ``t_end`` (default ``t_min``); ``final="zero"`` lands on clean data
+        after the last step, ``final="end"`` lands on ``t_end``."""
         _check_steps(num_steps)
         hi = self.t_max if t_start is None else float(t_start)
         lo = self.t_min if t_end is None else float(t_end)
         m = num_steps + (1 if final == "end" else 0)
         if spacing == "uniform":
             ts = torch.linspace(hi, lo, m, dtype=torch.float64)
+        elif spacing == "quadratic":
+            ts = _quadratic_times(hi, lo, m)
         elif spacing == "logsnr":
             lams = torch.linspace(float(self.lambda_(hi)), float(self.lambda_(lo)), m, dtype=torch.float64)
             ts = self.t_from_lambda(lams)
@@ -460,7 +490,8 @@ class ContinuousVPSchedule(NoiseSchedule):
             smax, smin = math.exp(-float(self.lambda_(hi))), math.exp(-float(self.lambda_(lo)))
             ts = self.t_from_lambda(-torch.log(_karras_sigmas(smin, smax, m, rho)))
         else:
-            raise ValueError(f"unknown spacing {spacing!r} for a continuous schedule; use uniform, logsnr or karras")
+            raise ValueError(f"unknown spacing {spacing!r} for a continuous schedule; use uniform, quadratic, logsnr "
+                             "or karras")
         ts[0], ts[-1] = hi, lo
         if final == "end":
             return self.grid_from_t(ts[:-1], ts[-1])

@@ -1,12 +1,12 @@
 """``hessdiff sample``: unconditional samples of a diffusion model, one PNG per seed and a grid.
 
 Samplers: ``ddim`` (``--eta``), ``dpm`` (DPM-Solver-3, noise prediction), ``dpm++`` (DPM-Solver++(2M)),
-``euler`` (flow-matching models), and ``lml-<correction>``: a base solver (``--solver``, default
-``dpm++``, ``euler`` for flow models) with an LML correction from ``hessdiff.samplers.lml.make_correction``:
-``lml-published`` (the published Levenberg-Marquardt-Langevin map; ``lamb`` default 1e-3),
-``lml-hessian-step`` (damped low-rank Hessian preconditioning of each step), ``lml-matched-noise`` (the
-control: a random perturbation of the published map's size). ``--lml-option KEY=VALUE`` sets the
-correction's arguments (e.g. ``lamb=5e-3``, ``rank=2``).
+``unipc`` (UniPC-2, bh2), ``ipndm`` (iPNDM-4), ``deis`` (DEIS-tAB3), ``euler`` (flow-matching models), and
+``lml-<correction>``: a base solver (``--solver``, default ``dpm++``, ``euler`` for flow models) with an
+LML correction from ``hessdiff.samplers.lml.make_correction``: ``lml-published`` (the published
+Levenberg-Marquardt-Langevin map; ``lamb`` default 1e-3), ``lml-hessian-step`` (damped low-rank Hessian
+preconditioning of each step), ``lml-matched-noise`` (the control: a random perturbation of the published
+map's size). ``--lml-option KEY=VALUE`` sets the correction's arguments (e.g. ``lamb=5e-3``, ``rank=2``).
 
 Image ``i`` depends only on seed ``i`` (its starting noise and any sampler noise come from its own
 generator), whatever ``--seeds`` and ``--batch-size`` are. Writes ``OUT/seed0000.png`` ... (one per
@@ -31,7 +31,7 @@ __all__ = ["register", "run", "sample_images", "SAMPLERS", "LML_VARIANTS", "DEFA
 EPILOG = """examples:
   hessdiff sample --seeds 0-15 --out runs/samples           # 16 digits of the embedded model, DPM-Solver++ 25 steps
   hessdiff sample --sampler ddim --steps 50 --eta 1.0 --seeds 0-7
-  hessdiff sample --sampler unipc --steps 8 --seeds 0-15        # UniPC-2 (bh2), or ipndm (iPNDM-4)
+  hessdiff sample --sampler unipc --steps 8 --seeds 0-15        # UniPC-2 (bh2), or ipndm (iPNDM-4), deis (DEIS-tAB3)
   hessdiff sample --sampler lml-published --solver dpm --steps 10 --lml-option lamb=8e-4 --seeds 0,3,5-9
   hessdiff sample --sampler lml-hessian-step --steps 10 --seeds 0-15 --out runs/lml
   hessdiff sample --model google/ddpm-cifar10-32 --sampler dpm --steps 10 --seeds 0-63 --device cuda
@@ -42,7 +42,7 @@ EPILOG = """examples:
 DEFAULT_STEPS = 25
 
 #: base solvers (``hessdiff.samplers.solvers.SOLVERS``)
-SAMPLERS = ("ddim", "dpm", "dpm++", "euler", "unipc", "ipndm")
+SAMPLERS = ("ddim", "dpm", "dpm++", "euler", "unipc", "ipndm", "deis")
 #: ``lml-<name>`` -> the ``make_correction`` name
 LML_VARIANTS = {"lml-published": "published", "lml-hessian-step": "hessian-step",
                 "lml-matched-noise": "matched-noise"}

@@ -1,5 +1,6 @@
-"""Base diffusion solvers: DDIM, multistep DPM-Solver / DPM-Solver++ (orders 1--3) and flow-matching
-Euler, each a :class:`~hessdiff.samplers.loop.Method` step of :func:`~hessdiff.samplers.loop.sample`.
+"""Base diffusion solvers: DDIM, multistep DPM-Solver / DPM-Solver++ (orders 1--3), UniPC, iPNDM, DEIS
+(tAB) and flow-matching Euler, each a :class:`~hessdiff.samplers.loop.Method` step of
+:func:`~hessdiff.samplers.loop.sample`.
 
 The ``sample_*`` functions are the plain-call form: ``sample_x(denoiser, x, grid, *, ...,
 generator=None, correction=None, corrector=None, callback=None, progress=False) -> Tensor``, with
@@ -17,12 +18,14 @@ from torch import Tensor
 from ..loop import Method, StepContext, StepCorrection, randn_like, sample
 from ..schedule import TimeGrid
 from .ddim import DDIM, ddim_step, ddim_variance
+from .deis import DEIS, tab_coefficients
 from .dpm import DPMSolver, dpm_orders
 from .euler import FlowEuler
 from .unipc import IPNDM, UniPC, unipc_coefficients
 
 __all__ = [
-    "DDIM", "DPMSolver", "FlowEuler", "UniPC", "IPNDM", "unipc_coefficients", "sample_unipc", "sample_ipndm",
+    "DDIM", "DPMSolver", "FlowEuler", "UniPC", "IPNDM", "DEIS", "unipc_coefficients", "tab_coefficients",
+    "sample_unipc", "sample_ipndm", "sample_deis",
     "ddim_step", "ddim_variance", "dpm_orders", "StepContext", "StepCorrection",
     "randn_like", "sample_ddim", "sample_dpm_solver", "sample_dpm_solver_pp", "sample_flow_euler", "SOLVERS",
     "get_solver", "make_solver",
@@ -67,6 +70,12 @@ def sample_ipndm(denoiser: Any, x: Tensor, grid: TimeGrid, *, order: int = 4, **
     return _run(IPNDM(order), denoiser, x, grid, **hooks)
 
 
+def sample_deis(denoiser: Any, x: Tensor, grid: TimeGrid, *, order: int = 3, lower_order_final: bool = False,
+                **hooks: Any) -> Tensor:
+    """DEIS-tAB``order`` (:class:`DEIS`), default tAB3, in the denoiser's schedule time."""
+    return _run(DEIS(order, lower_order_final), denoiser, x, grid, **hooks)
+
+
 def _dpm3(denoiser: Any, x: Tensor, grid: TimeGrid, **kw: Any) -> Tensor:
     kw.setdefault("order", 3)
     return sample_dpm_solver(denoiser, x, grid, algorithm="dpmsolver", **kw)
@@ -80,6 +89,7 @@ SOLVERS: dict[str, Callable[..., Tensor]] = {
     "euler": sample_flow_euler,
     "unipc": sample_unipc,
     "ipndm": sample_ipndm,
+    "deis": sample_deis,
 }
 
 _METHODS: dict[str, Callable[..., Method]] = {
@@ -89,6 +99,7 @@ _METHODS: dict[str, Callable[..., Method]] = {
     "euler": FlowEuler,
     "unipc": UniPC,
     "ipndm": IPNDM,
+    "deis": DEIS,
 }
 
 
