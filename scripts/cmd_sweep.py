@@ -46,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
                    help="with torchrun: how long a process waits for the others at the start, and rank 0 at the "
                         "end without another process finishing an item, before stopping (default: 30)")
+    p.add_argument("--compare", action="append", default=[], metavar="A:B",
+                   help="after the run, print paired differences of two methods per model and task, e.g. "
+                        "mmps@20:dps@100 (LABEL@STEPS, LABEL for methods without steps; repeatable)")
+    p.add_argument("--metric", default="psnr", help="the paired metric of --compare (default: psnr)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="do not write plots/*.png")
     p.add_argument("--check", action="store_true", help="validate the configuration, print it resolved, and exit")
@@ -117,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise CLIError("--out is required (the folder for images, results and summaries)")
+    from hessdiff.eval.sweep.compare import format_comparison, paired_comparison, parse_pair
+
+    pairs = [parse_pair(c) for c in args.compare]  # bad specs fail before the run
     if args.threads is not None:
         import torch
 
@@ -145,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
     if "plots" in files:
         where += f", plots in {files['plots']}/"
     print(f"sweep {state} ({timing}); results: {where}")
+    for a, b in pairs:
+        print()
+        print(format_comparison(paired_comparison(report.out, a, b, args.metric), a, b))
     return 0
 
 

@@ -1,0 +1,96 @@
+"""Paired comparisons of two methods of a finished sweep: per model and task, the mean difference of a
+paired metric over the items both methods finished (same image, same seed), with a 95 % interval.
+
+``hessdiff sweep CONFIG --out DIR --resume --compare mmps@20:dps@100`` prints them (markdown) after the
+sweep; :func:`paired_comparison` returns the rows. A method is ``LABEL@STEPS`` (``LABEL`` alone for methods
+without steps, e.g. ``pinv``), ``LABEL`` being the ``[[methods]]`` label.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from hessdiff.eval.sweep.summary import load_results
+
+__all__ = ["paired_comparison", "format_comparison", "parse_pair"]
+
+#: two-sided 95 % Student-t quantiles for 1..30 degrees of freedom (beyond: the normal 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def _t975(df: int) -> float:
+    return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
+
+
+def _split(spec: str) -> tuple[str, int]:
+    label, _, steps = spec.strip().partition("@")
+    if not label:
+        raise ValueError(f"bad method {spec!r} in --compare: expected LABEL@STEPS or LABEL")
+    try:
+        return label, int(steps) if steps else 0
+    except ValueError:
+        raise ValueError(f"bad step count in {spec!r} (--compare): expected an integer after '@'") from None
+
+
+def parse_pair(text: str) -> tuple[tuple[str, int], tuple[str, int]]:
+    """``"mmps@20:dps@100"`` -> ``(("mmps", 20), ("dps", 100))``."""
+    a, sep, b = text.partition(":")
+    if not sep:
+        raise ValueError(f"bad --compare {text!r}: expected A:B, e.g. mmps@20:dps@100")
+    return _split(a), _split(b)
+
+
+def paired_comparison(out: str | os.PathLike, a: tuple[str, int], b: tuple[str, int],
+                      metric: str = "psnr") -> list[dict[str, Any]]:
+    """Rows ``{model, task, n, a, b, diff, ci, sd}`` (``diff`` = mean of ``a - b`` over the pairs, ``ci``
+    the half-width of its 95 % Student-t interval) for every model and task where both ran."""
+    recs = load_results(out)
+
+    def key(r: dict[str, Any]) -> tuple[str, int]:
+        parts = r["config_label"].split("/")  # model/task/method/steps
+        return parts[2], int(parts[3])
+
+    by: dict[tuple[str, str, tuple[str, int]], dict[tuple[Any, Any], float]] = {}
+    for r in recs:
+        model, task = r["config_label"].split("/")[:2]
+        v = r["metrics"].get(metric)
+        if v is None or not math.isfinite(v):
+            continue
+        img = (r.get("image") or {}).get("id")
+        by.setdefault((model, task, key(r)), {})[(img, r.get("seed"))] = float(v)
+    rows = []
+    for model, task in dict.fromkeys((m, t) for m, t, _ in by):
+        va, vb = by.get((model, task, a)), by.get((model, task, b))
+        if not va or not vb:
+            continue
+        common = sorted(set(va) & set(vb), key=str)
+        if not common:
+            continue
+        d = [va[k] - vb[k] for k in common]
+        n = len(d)
+        mean = sum(d) / n
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
+        rows.append({"model": model, "task": task, "n": n, "metric": metric,
+                     "a": sum(va[k] for k in common) / n, "b": sum(vb[k] for k in common) / n,
+                     "diff": mean, "sd": sd, "ci": _t975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")})
+    if not rows:
+        raise ValueError(f"no items where both {a[0]}@{a[1]} and {b[0]}@{b[1]} have {metric!r} in {out}")
+    return rows
+
+
+def format_comparison(rows: Sequence[dict[str, Any]], a: tuple[str, int], b: tuple[str, int]) -> str:
+    """Markdown table of :func:`paired_comparison` rows."""
+    na, nb = (f"{x[0]}@{x[1]}" if x[1] else x[0] for x in (a, b))
+    metric = rows[0]["metric"]
+    lines = [f"| model | task | n | {na} {metric} | {nb} {metric} | {na} - {nb} (95 % CI) | beyond the CI |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        sig = "yes" if math.isfinite(r["ci"]) and abs(r["diff"]) > r["ci"] else "no"
+        lines.append(f"| {r['model']} | {r['task']} | {r['n']} | {r['a']:.3f} | {r['b']:.3f} | "
+                     f"{r['diff']:+.3f} ± {r['ci']:.3f} | {sig} |")
+    return "\n".join(lines)
