@@ -46,6 +46,35 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         # 10 steps was their best on SR x4 and motion deblur, 100 steps the second table row
         "published": {"steps": 100, "iterations": 5, "solver": "gmres", "ddim_eta": 1.0, "clip_x0": 1.0},
     },
+    "tmpd": {
+        # Boys et al. 2023 as run by mmps-benchmark (scripts/make_figures.sh, configs/diffusion_config.yaml): the
+        # "TMPD 100" table row, DDIM eta = 1, x0_hat clamped to [-1, 1] (clip_denoised); the diagonal is azula's /
+        # tmpdjax's A J A^T 1 (the benchmark's own variant solves with diag(J^T 1) in x space by 5 GMRES iterations)
+        "published": {"steps": 100, "ddim_eta": 1.0, "clip_x0": 1.0},
+    },
+    "pigdm": {
+        # Song et al. 2023 as run by mmps-benchmark (condition_methods.py::PseudoinverseGuided, from RED-diff
+        # algos/pgdm.py): the "PiGDM 1000" table row, DDIM eta = 1, the released update (scaling="released":
+        # + sqrt(abar_{t-1} abar_t) r_t^2 g on x_{t-1}), x0_hat clamped to [-1, 1] before the guidance, and 5
+        # Krylov iterations of the measurement-space solve (GMRES there; CG here, the matrix is SPD)
+        "published": {"steps": 1000, "ddim_eta": 1.0, "scaling": "released", "cg_iterations": 5, "clip_x0": 1.0},
+    },
+    "diffpir": {
+        # Zhu et al. 2023, yuanzhi-zhu/DiffPIR: 100 steps (README table, FFHQ sigma 0.05), x0_hat clamped to
+        # [-1, 1] (clip_denoised=True in utils/utils_model.py::model_fn); deblurring lambda = 7, zeta = 0.3
+        # (main_ddpir_deblur.py / main_ddpir.py: lambda_ * 7, zeta * 3 over the configs' 1.0 and 0.1). The code's
+        # lambda measures sigma_y on [0, 1] images, so on hessdiff's [-1, 1] scale lam = 7 / 4 (diffpir.py).
+        # (Super-resolution: zeta 0.25, lambda swept over 2..12; inpainting: 20 steps, lambda 1, zeta 1.)
+        "published": {"steps": 100, "lam": 7.0 / 4, "zeta": 0.3, "clip_x0": 1.0},
+    },
+    "daps": {
+        # Zhang et al. 2024, zhangbingliang2019/DAPS (branch legacy = the paper's code: config/sampler/edm_daps.yaml,
+        # config/task/*.yaml lgvd_config; the "pixel" rows of main's configs/ agree): DAPS-1K = 200 annealing
+        # levels x 5 Euler steps of the inner ODE (sigma_min 0.01), 100 Langevin steps, lr 1e-4 (5e-5 for box
+        # inpainting and motion blur), lr_min_ratio 0.01, likelihood std tau = 0.01 (measurements have sigma 0.05)
+        "published": {"steps": 200, "ode_steps": 5, "ode_sigma_min": 0.01, "langevin_steps": 100, "lr": 1e-4,
+                      "lr_min_ratio": 0.01, "tau": 0.01},
+    },
 }
 
 #: embedded model name -> family (hub ids and folders have no family: their rows are the published ones)

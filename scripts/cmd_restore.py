@@ -69,7 +69,10 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 
 #: the option that sets each method's step size (named in the divergence hint)
 _STEP_OPTION = {"dps": "--option zeta=...", "latent_dps": "--option zeta=...", "psld": "--option omega=...",
-                "stsl": "--option lam=...", "mmps": "--option iterations=..."}
+                "stsl": "--option lam=...", "mmps": "--option iterations=...",
+                "diffpir": "--option lam=...", "daps": "--option lr=...",
+                "tmpd": "a larger --option variance_floor=..., or --option clip_x0=1",
+                "pigdm": "--option scaling=tweedie, or --option clip_x0=1"}
 
 #: options the command sets itself (not accepted from --option)
 _RESERVED = ("generator", "callback", "progress", "autoencoder")

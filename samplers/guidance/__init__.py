@@ -10,6 +10,13 @@ line by line; the comments cite the equations:
 * :class:`STSL` (``stsl.py``): inner gradient steps on STSL's surrogate loss, then a DDIM step;
 * :class:`MMPSDenoiser` (``mmps.py``): MMPS's moment-matched posterior denoiser, a *denoiser transform*
   that composes with any solver (:func:`sample_mmps` runs it on DDIM);
+* :class:`TMPDDenoiser` (``tmpd.py``, :func:`sample_tmpd`) and :class:`PiGDMDenoiser` (``pigdm.py``,
+  :func:`sample_pigdm`): the same family with the diagonal of ``A J Aᵀ`` (TMPD) or an isotropic
+  covariance ``r_t² I`` (ΠGDM);
+* :class:`DiffPIR` (``diffpir.py``, :func:`sample_diffpir`) and :class:`DAPS` (``daps.py``,
+  :func:`sample_daps`): no network VJP -- DiffPIR's proximal data step on ``x0_hat`` (CG through the
+  operator) then re-noising with weight ``zeta``; DAPS's annealing with an inner ODE for ``x0_hat`` and
+  Langevin steps in ``x0`` space (operator adjoint, or the decoder's VJP in latent space);
 * ``measurement.py``: the measurement and input checks, norms, step-size schedules and
   :func:`hutchinson_trace_fd`; ``result.py``: :class:`Cost` and :func:`run_posterior`.
 
@@ -43,12 +50,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..loop import CountingDenoiser, Result
+from .daps import DAPS, sample_daps
+from .diffpir import DiffPIR, sample_diffpir
 from .dps import DPS, GuidedDDIM, sample_dps, sample_latent_dps
 from .measurement import hutchinson_trace_fd, prepare_measurement
 from .mmps import MMPSDenoiser, sample_mmps
+from .pigdm import PiGDMDenoiser, sample_pigdm
 from .psld import PSLD, sample_psld
 from .result import Cost, PosteriorResult, run_posterior
 from .stsl import STSL, STSLOptions, sample_stsl
+from .tmpd import TMPDDenoiser, sample_tmpd
 
 __all__ = [
     "Cost",
@@ -60,6 +71,14 @@ __all__ = [
     "sample_stsl",
     "sample_mmps",
     "MMPSDenoiser",
+    "sample_tmpd",
+    "TMPDDenoiser",
+    "sample_pigdm",
+    "PiGDMDenoiser",
+    "sample_diffpir",
+    "DiffPIR",
+    "sample_daps",
+    "DAPS",
     "hutchinson_trace_fd",
     "prepare_measurement",
     "POSTERIOR_SAMPLERS",
@@ -80,6 +99,10 @@ POSTERIOR_SAMPLERS: dict[str, Callable[..., Result]] = {
     "psld": sample_psld,
     "stsl": sample_stsl,
     "mmps": sample_mmps,
+    "tmpd": sample_tmpd,
+    "pigdm": sample_pigdm,
+    "diffpir": sample_diffpir,
+    "daps": sample_daps,
 }
 #: methods that need an autoencoder
 LATENT_METHODS = ("latent_dps", "psld")

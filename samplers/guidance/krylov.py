@@ -2,7 +2,8 @@
 
 ``matvec`` maps ``[B, m]`` float64 to ``[B, m]`` float64; every inner product and the small least-squares
 problem run in float64 whatever the network's dtype. No convergence test: a fixed number of
-iterations, as MMPS uses them (1--5 iterations are an implicit damping of a trained Jacobian).
+iterations, as MMPS uses them (1--5 iterations are an implicit damping of a trained Jacobian); :func:`cg`
+takes an optional per-sample tolerance (DiffPIR's data step uses it).
 """
 
 from __future__ import annotations
@@ -18,14 +19,26 @@ MatVec = Callable[[Tensor], Tensor]
 _TINY = 1e-300
 
 
-def cg(matvec: MatVec, b: Tensor, iterations: int) -> Tensor:
-    """Conjugate gradients from ``u = 0`` (``M`` symmetric positive definite)."""
+def cg(matvec: MatVec, b: Tensor, iterations: int, tol: float | None = None) -> Tensor:
+    """Conjugate gradients from ``u = 0`` (``M`` symmetric positive definite).
+
+    ``tol`` (optional; default: none, a fixed number of iterations): a sample stops once its residual
+    ``|b - M u| <= tol |b|`` (all stop early once every sample has); this keeps iterations past
+    convergence from resolving the rounding noise of a low-precision ``matvec`` in directions of tiny
+    eigenvalues, where it is amplified by their inverse.
+    """
     u = torch.zeros_like(b)
     r, p = b.clone(), b.clone()
     rs = (r * r).sum(1)
+    stop = None if tol is None else tol * tol * rs
     for _ in range(iterations):
+        active = None if stop is None else rs > stop
+        if active is not None and not bool(active.any()):
+            break
         Mp = matvec(p)
         step = rs / (p * Mp).sum(1).clamp(min=_TINY)
+        if active is not None:
+            step = torch.where(active, step, torch.zeros_like(step))
         u = u + step[:, None] * p
         r = r - step[:, None] * Mp
         rs_new = (r * r).sum(1)

@@ -58,7 +58,8 @@ def test_gmm_denoiser_is_differentiable():
 
 
 def test_registry_names():
-    assert set(POSTERIOR_SAMPLERS) == {"dps", "latent_dps", "psld", "stsl", "mmps"}
+    assert set(POSTERIOR_SAMPLERS) == {"dps", "latent_dps", "psld", "stsl", "mmps", "tmpd", "pigdm", "diffpir",
+                                       "daps"}
     assert get_posterior_sampler("stsl") is sample_stsl
     with pytest.raises(ValueError, match="unknown posterior sampler"):
         get_posterior_sampler("p2l")

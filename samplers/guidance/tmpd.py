@@ -1,0 +1,128 @@
+"""TMPD (Boys et al. 2023, "Tweedie moment projected diffusions"): MMPS's likelihood with a diagonal
+measurement covariance, as a denoiser transform.
+
+The moment-matched likelihood of :mod:`.mmps` is ``N(y; A x0_hat, sigma_y^2 I + (sigma_t^2/alpha_t) A J A^T)``
+(``J = d x0_hat / d x_t``). TMPD keeps the diagonal of ``A J A^T`` only, estimated from one vector-Jacobian
+product as ``d = A J A^T 1``, taken as ``A (J^T A^T 1)`` (``J`` is symmetric for an exact denoiser) -- the
+exact diagonal when ``A J A^T`` is diagonal (e.g. a diagonal prior covariance seen through a mask), its row
+sums otherwise. The posterior denoiser is then
+
+    u = (y - A x0_hat) / (sigma_y^2 + (sigma_t^2/alpha_t) d)      (elementwise),
+    x0_hat(x_t | y) = x0_hat + (sigma_t^2/alpha_t) J^T A^T u       (a second VJP)
+
+[code: ``bb515/tmpdjax`` ``tmpd/solvers.py::KPDDPMplus.analysis``; ``probabilists/azula``
+``azula/guidance/tmpd.py::TMPDenoiser.forward``]. Cost per call: 1 forward and 2 VJPs. (tmpdjax uses the
+row-sum estimate in its masked ("plus") samplers only. For a blur, the row sum of a smooth ``A J A^T`` is
+about the kernel's footprint times its diagonal, so the variance is overestimated and the guidance weak.)
+
+Guard: for a trained network the row-sum estimate ``d`` can be zero or negative (``J`` is no covariance
+there, and off-diagonal entries can cancel the diagonal), which would flip or blow up ``u`` when
+``sigma_y`` is small. The variance estimate ``(sigma_t^2/alpha_t) d`` is therefore clamped to at least
+``variance_floor`` (default ``1e-6``, in the squared units of ``y``: far below the exact value
+``diag(A Cov[x0|x_t] A^T)`` except where the estimate failed). The released code has no such guard and relies
+on clamping ``x0_hat`` instead (tmpdjax: "requires static thresholding ... to remain numerically stable").
+
+As :class:`~.mmps.MMPSDenoiser`, the result goes through the denoiser contract and composes with any solver;
+:func:`sample_tmpd` runs it on DDIM (``eta = 1``: the mmps-benchmark setting). In latent space the
+measurement is ``A(D(z0))``, linearised through the decoder by one decoder JVP (``A J_D J J_D^T A^T 1``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Prediction, broadcast_time
+from ..loop import CountingDenoiser, Result
+from ..schedule import TimeGrid
+from ..solvers import DDIM
+from .measurement import _check_nonneg, prepare_measurement
+from .mmps import _Decoder
+from .result import Cost, run_posterior
+
+__all__ = ["TMPDDenoiser", "sample_tmpd"]
+
+
+class TMPDDenoiser:
+    """``x0_hat(x_t | y)`` of TMPD behind the denoiser contract (see the module docstring).
+
+    denoiser: the prior denoiser (differentiable in ``x``); operator, y: the linear measurement
+      ``y = A x + n`` with ``n ~ N(0, sigma_y^2 I)`` (``y`` batch 1 or the run's batch);
+    autoencoder: latent space (``A(D(z))``); clip_x0: clamp the guided ``x0_hat`` to ``[-c, c]``;
+    variance_floor: the smallest value of the diagonal variance estimate ``(sigma_t^2/alpha_t) d``.
+    Cost per call: 1 forward and 2 VJPs of the network (latent: plus 1 decoder JVP and 2 decoder
+    backward passes).
+    """
+
+    def __init__(self, denoiser: Any, operator: Any, y: Tensor, sigma_y: float, *, autoencoder: Any | None = None,
+                 clip_x0: float | None = None, variance_floor: float = 1e-6) -> None:
+        _check_nonneg(sigma_y=sigma_y)
+        if not (isinstance(variance_floor, int | float) and math.isfinite(variance_floor) and variance_floor > 0):
+            raise ValueError(f"variance_floor must be a finite positive number, got {variance_floor!r}")
+        if clip_x0 is not None and not clip_x0 > 0:
+            raise ValueError(f"clip_x0 must be positive or None, got {clip_x0}")
+        self.denoiser, self.operator, self.y = denoiser, operator, y
+        self.sigma_y, self.variance_floor = float(sigma_y), float(variance_floor)
+        self.autoencoder, self.clip_x0 = autoencoder, clip_x0
+        self.schedule = denoiser.schedule
+
+    def _measure(self, x0: Tensor) -> Tensor:
+        return self.operator(x0 if self.autoencoder is None else self.autoencoder.decode(x0))
+
+    def __call__(self, x: Tensor, t: Tensor | float) -> Prediction:
+        a, s = (float(v.reshape(-1)[0]) for v in self.schedule.alpha_sigma(broadcast_time(t, x)))
+        c = s * s / a  # Cov[x0 | x_t] = (sigma^2 / alpha) J
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            pred = self.denoiser(xr, t)
+            ax = self._measure(pred.x0)
+        y = self.y.to(dtype=ax.dtype, device=ax.device).expand_as(ax)
+        B, shape = ax.shape[0], ax.shape
+
+        def vjp(v: Tensor) -> Tensor:  # J^T A^T v (through the decoder: J^T J_D^T A^T v)
+            (g,) = torch.autograd.grad(ax, xr, grad_outputs=v.reshape(shape).to(ax.dtype), retain_graph=True)
+            return g
+
+        def lin(w: Tensor) -> Tensor:  # A w (latent: A J_D w, a decoder JVP at x0_hat)
+            if self.autoencoder is None:
+                return self.operator(w)
+            z0 = pred.x0.detach()
+            return torch.func.jvp(self._measure, (z0,), (w.to(z0.dtype),))[1]
+
+        d = lin(vjp(torch.ones_like(ax))).reshape(B, -1).to(torch.float64)  # A J A^T 1
+        var = (c * d).clamp(min=self.variance_floor)
+        r = (y - ax.detach()).reshape(B, -1).to(torch.float64)
+        u = r / (self.sigma_y**2 + var)
+        x0 = (pred.x0 + c * vjp(u)).detach()
+        if self.clip_x0 is not None:
+            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+        return Prediction(eps=(x - a * x0) / s if s > 0 else pred.eps.detach(), x0=x0)
+
+
+def sample_tmpd(denoiser: Any, operator: Any, y: Tensor, x: Tensor, grid: TimeGrid, autoencoder: Any | None = None,
+                *, sigma_y: float, ddim_eta: float = 1.0, clip_x0: float | None = None,
+                variance_floor: float = 1e-6, **hooks: Any) -> Result:
+    """TMPD on a DDIM loop (``ddim_eta = 1``: the mmps-benchmark setting): :class:`TMPDDenoiser` as the
+    denoiser of :class:`~hessdiff.samplers.solvers.DDIM`. ``hooks``: ``generator``, ``callback``,
+    ``progress``. NFE counts network forwards plus VJPs (``network_backward``): 3 per step."""
+    _check_nonneg(ddim_eta=ddim_eta)
+    if not (isinstance(x, Tensor) and math.isfinite(float(sigma_y))):
+        raise ValueError("sample_tmpd needs a tensor x and a finite sigma_y")
+    counted = CountingDenoiser(denoiser, autoencoder)
+    data_shape = x.shape if autoencoder is None else autoencoder.data_shape(tuple(x.shape)) \
+        if hasattr(autoencoder, "data_shape") else (x.shape[0], int(autoencoder.data_dim))
+    yb = prepare_measurement(operator, y, data_shape, torch.float64 if x.dtype == torch.float64 else torch.float32,
+                             x.device)
+    guided = TMPDDenoiser(counted, operator, yb, sigma_y, clip_x0=clip_x0, variance_floor=variance_floor,
+                          autoencoder=None if autoencoder is None else _Decoder(counted))
+    res = run_posterior(DDIM(ddim_eta), guided, x, grid, autoencoder, **hooks)
+    cost = Cost(**{**vars(counted.cost), "wall_time_s": res.cost.wall_time_s,
+                   "peak_memory_bytes": res.cost.peak_memory_bytes, "memory_measure": res.cost.memory_measure})
+    cost.decoder_forward += res.cost.decoder_forward  # the final decode
+    cost.nfe = cost.network_forward + cost.network_backward
+    cost.nfe_convention = "network forwards plus vector-Jacobian products (1 + 2 per step)"
+    res.cost = cost
+    return res
