@@ -1,4 +1,5 @@
-"""The grid-GMM posterior benchmark (PAPERS.md 5.2) for DPS, latent DPS, PSLD and STSL.
+"""The grid-GMM posterior benchmark (PAPERS.md 5.2) for DPS, latent DPS, PSLD, STSL, and (named with
+``--methods``) MMPS, TMPD, PiGDM, DiffPIR and DAPS.
 
 Problem ``(d_x, d_y, sigma_y, i)``: the 25-component grid prior (identity covariances, uniform
 weights) in ``R^{d_x}``, the published seeding of ``A`` (``d_y x d_x``), ``x*`` and ``y = A x* +
@@ -50,10 +51,15 @@ from torch import Tensor
 from hessdiff.eval.metrics.distances import component_tv, posterior_mean_error, sliced_wasserstein
 from hessdiff.samplers.guidance import (
     PosteriorResult,
+    sample_daps,
+    sample_diffpir,
     sample_dps,
     sample_latent_dps,
+    sample_mmps,
+    sample_pigdm,
     sample_psld,
     sample_stsl,
+    sample_tmpd,
 )
 from hessdiff.samplers.oracles.gmm import (
     GRID_DIMS,
@@ -191,11 +197,13 @@ class IdentityAutoencoder:
 # ================================================================================ methods
 @dataclass(frozen=True)
 class BenchMethod:
-    """A named sampler setting: ``run(denoiser, operator, y, x, grid, autoencoder, generator)``."""
+    """A named sampler setting: ``run(denoiser, operator, y, x, grid, autoencoder, generator, sigma_y)``
+    (``needs_sigma``: the sampler takes the noise level, so its runs are batched per ``sigma_y``)."""
 
     name: str
     run: Callable[..., PosteriorResult]
     settings: str
+    needs_sigma: bool = False
 
 
 #: name -> (sampler, takes an autoencoder, published settings); see the module docstring
@@ -206,23 +214,38 @@ PUBLISHED_SETTINGS: dict[str, tuple[Callable[..., PosteriorResult], bool, dict[s
     "stsl": (sample_stsl, True, {"lam": 0.05, "eta": 0.02, "inner_steps": 3, "num_probes": 1, "probe_scale": 1.0,
                                  "data_norm": "squared", "init": "adjoint", "init_mode": "stochastic",
                                  "ddim_eta": 0.0}),
+    # the covariance-aware family and the VJP-free methods (samplers/defaults.py "published" rows, minus the
+    # [-1, 1] clamping of images: the grid means reach +-16); they take the problem's sigma_y
+    "mmps": (sample_mmps, False, {"iterations": 5, "solver": "gmres", "ddim_eta": 1.0, "clip_x0": None}),
+    "tmpd": (sample_tmpd, False, {"ddim_eta": 1.0, "clip_x0": None}),
+    "pigdm": (sample_pigdm, False, {"scaling": "released", "cg_iterations": 5, "ddim_eta": 1.0, "clip_x0": None}),
+    "diffpir": (sample_diffpir, False, {"lam": 7.0 / 4, "zeta": 0.3, "clip_x0": None}),
+    # tau = None: the likelihood's std is the problem's sigma_y (the published 0.01 is for their image tasks)
+    "daps": (sample_daps, False, {"ode_steps": 5, "ode_sigma_min": 0.01, "langevin_steps": 100, "lr": 1e-4,
+                                  "lr_min_ratio": 0.01, "tau": None}),
 }
+
+#: methods whose sampler takes ``sigma_y`` (runs are batched per noise level)
+SIGMA_METHODS = ("mmps", "tmpd", "pigdm", "diffpir", "daps")
 
 
 def _bench_method(name: str, base: str, overrides: Mapping[str, Any]) -> BenchMethod:
     fn, latent, settings = PUBLISHED_SETTINGS[base]
     kw = {**settings, **overrides}
+    needs_sigma = base in SIGMA_METHODS
 
-    def run(den, op, y, x, grid, ae, gen):
+    def run(den, op, y, x, grid, ae, gen, sigma_y=None):
         args = [den, op, y, x, grid] + ([ae] if latent else [])
-        return fn(*args, generator=gen, **kw)
+        extra = {"sigma_y": sigma_y} if needs_sigma else {}
+        return fn(*args, generator=gen, **extra, **kw)
 
-    return BenchMethod(name, run, ", ".join(f"{k}={v}" for k, v in kw.items()))
+    return BenchMethod(name, run, ", ".join(f"{k}={v}" for k, v in kw.items()), needs_sigma)
 
 
 def published_methods() -> dict[str, BenchMethod]:
-    """The four samplers with the published settings of :data:`PUBLISHED_SETTINGS`."""
-    return {name: _bench_method(name, name, {}) for name in PUBLISHED_SETTINGS}
+    """The first four samplers (DPS, latent DPS, PSLD, STSL) with the published settings of
+    :data:`PUBLISHED_SETTINGS` (the default set of a run; name the others with ``--methods``)."""
+    return {name: _bench_method(name, name, {}) for name in ("dps", "latent_dps", "psld", "stsl")}
 
 
 def _value(text: str) -> Any:
@@ -370,14 +393,16 @@ def run_posterior_benchmark(
                     draws: dict[int, Tensor] = {}
                     cost_sum: dict[str, float] = {}
                     t0 = time.perf_counter()
-                    for c0 in range(0, len(todo), chunk):
-                        ks = todo[c0 : c0 + chunk]
+                    groups = [[k for k in todo if probs[k][0] == s] for s in sigmas] if method.needs_sigma \
+                        else [todo]
+                    for ks in (g[c0: c0 + chunk] for g in groups for c0 in range(0, len(g), chunk)):
                         op = StackedMatrixOperator(A[ks], num_samples)
                         y = Y[ks].repeat_interleave(num_samples, 0)
                         gen = torch.Generator().manual_seed(_seed(d_x, d_y, _method_index(name), n, ks[0]))
                         x = float(grid.sigma[0]) * torch.randn(len(ks) * num_samples, d_x, generator=gen,
                                                                dtype=torch.float64)
-                        res = method.run(den, op, y, x.to(dtype), grid, IdentityAutoencoder(d_x), gen)
+                        res = method.run(den, op, y, x.to(dtype), grid, IdentityAutoencoder(d_x), gen,
+                                         sigma_y=probs[ks[0]][0])
                         out = res.samples.reshape(len(ks), num_samples, d_x).to(torch.float64)
                         for j, k in enumerate(ks):
                             draws[k] = out[j]
