@@ -56,6 +56,20 @@ def check_method(method: str, is_latent: bool, source: str) -> None:
                          "use stsl, latent_dps or psld")
 
 
+def fill_sigma_y(method: str, opts: dict[str, Any], measurement: Any) -> None:
+    """Set ``opts["sigma_y"]`` from the measurement's Gaussian noise level when ``method`` takes one and
+    it is not given (MMPS, TMPD, PiGDM, DiffPIR, DAPS). A bare tensor has no noise level: one clear error."""
+    if "sigma_y" not in accepted_options(method) or "sigma_y" in opts:
+        return
+    s = getattr(measurement, "sigma_y", None)
+    if s is None:
+        s = (getattr(measurement, "params", None) or {}).get("sigma_y")
+    if s is None:
+        raise ValueError(f"{method} needs the measurement's noise level: pass a hessdiff Measurement "
+                         "(task.measure(x, seed)) with Gaussian noise, or the option sigma_y=...")
+    opts["sigma_y"] = float(s)
+
+
 def accepted_options(method: str) -> list[str]:
     """The option names the sampler of ``method`` takes (its keyword-only parameters and, when it
     routes ``**options`` into an options dataclass, that dataclass's fields)."""
@@ -112,8 +126,7 @@ def restore(model: Any, measurement: Any, *, method: str | None = None, steps: i
     check_method(method, model.is_latent, model.source or "the model")
     opts, default_steps = method_options(method, dict(options or {}), model_family(model.source), defaults)
     steps = default_steps if steps is None else steps
-    if "sigma_y" in accepted_options(method) and "sigma_y" not in opts:  # the noise level of the task
-        opts["sigma_y"] = float(getattr(measurement, "params", {}).get("sigma_y", 0.0))
+    fill_sigma_y(method, opts, measurement)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not isinstance(seed, int) or seed < 0:

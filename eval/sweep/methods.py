@@ -384,6 +384,9 @@ def _posterior_method(name: str, fn: Callable[..., Any], latent: bool) -> Callab
         opts = dict(call.options)
         grid = model.grid(call.steps, opts.pop("spacing"))
         m = call.measurement
+        from hessdiff.samplers.api import fill_sigma_y
+
+        fill_sigma_y(name, opts, m)
         op = m.operator.to(call.device)
         y = m.y.to(call.device, torch.float32)
         x = model.initial_noise(model.sample_shape, call.generators, float(grid.sigma[0]))

@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel, UN
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
+from ..api import fill_sigma_y
 from ..defaults import DEFAULTS, method_defaults, model_family
 from ..denoiser import UNetDenoiser
 from ..guidance import LATENT_METHODS, POSTERIOR_SAMPLERS, Cost
@@ -304,6 +305,7 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         x = float(grid.sigma[0]) * randn_like(torch.empty(shape, dtype=torch.float32, device=device), generator)
 
         opts = {**defaults, **(method_kwargs or {})}
+        fill_sigma_y(method, opts, measurement)
         fn = POSTERIOR_SAMPLERS[method]
         args: list[Any] = [denoiser, op, y.to(device=device, dtype=torch.float32), x, grid]
         if latent:

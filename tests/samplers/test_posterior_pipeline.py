@@ -223,3 +223,20 @@ def test_bad_inputs(tmp_path):
     op16, y16 = _sr_measurement(16)
     with pytest.raises(ValueError, match="text-conditioned"):
         cond(y16, op16, method="stsl", num_inference_steps=2, progress=False)
+
+
+@pytest.mark.parametrize("method", ["mmps", "tmpd", "pigdm", "diffpir", "daps"])
+def test_covariance_family_in_the_pipeline_takes_sigma_y_from_the_measurement(method):
+    from hessdiff.tasks import make_task
+
+    pipe = PosteriorSamplingPipeline(unet=_pixel_unet(), scheduler=DDPMScheduler(num_train_timesteps=100))
+    task = make_task("super_resolution", scale=2, filter="average", sigma_y=0.1)
+    m = task.measure(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1, seed=0)
+    extra = {"langevin_steps": 2, "ode_steps": 1} if method == "daps" else {}
+    kw = dict(method=method, num_inference_steps=3, output_type="pt", progress=False)
+    a = pipe(m, **kw, method_kwargs=extra, generator=torch.Generator().manual_seed(0)).images
+    b = pipe(m, **kw, method_kwargs={**extra, "sigma_y": 0.1}, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(a, b)  # the measurement's own noise level was used
+    assert bool(torch.isfinite(a).all())
+    with pytest.raises(ValueError, match="needs the measurement's noise level"):  # a bare tensor has none
+        pipe(m.y, m.operator, **kw, method_kwargs=extra, generator=torch.Generator().manual_seed(0))
