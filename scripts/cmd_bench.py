@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"dimension of the CIFAR-like Gaussian (default {FULL['gaussian_dim']}; 0: skip)")
     g.add_argument("--spacing", nargs="+", help=f"grid spacings (default {FULL['spacing']}; also leading, "
                                                 "linspace, karras, uniform)")
-    g.add_argument("--methods", nargs="+", help="subset of methods (default: all of ddim dpm-3 dpm++2m dpm++3m)")
+    g.add_argument("--methods", nargs="+", help="methods (default: ddim dpm-3 dpm++2m dpm++3m; also unipc-2 unipc-3 ipndm-4 deis-3)")
     g.add_argument("--projections", type=int,
                    help=f"random directions of the sliced W1 (default {FULL['projections']})")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
@@ -223,10 +223,11 @@ def run_gmm_prior(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     methods = B.default_methods()
     if args.methods:
-        unknown = [m for m in args.methods if m not in methods]
+        known = {**methods, **B.low_nfe_methods()}
+        unknown = [m for m in args.methods if m not in known]
         if unknown:
-            raise CLIError(f"unknown method {unknown[0]!r}; available: {', '.join(methods)}")
-        methods = {k: methods[k] for k in args.methods}
+            raise CLIError(f"unknown method {unknown[0]!r}; available: {', '.join(known)}")
+        methods = {k: known[k] for k in args.methods}
     problems = B.default_problems(dims=s["dims"], gaussian_dim=s["gaussian_dim"] or None)
     command = canonical_command(args, s)
 

@@ -65,6 +65,7 @@ __all__ = [
     "gaussian_spectrum_problem",
     "default_problems",
     "default_methods",
+    "low_nfe_methods",
     "make_grid",
     "linear_gain",
     "exact_ode_gain",
@@ -151,6 +152,20 @@ def default_methods() -> dict[str, Method]:
         "dpm-3": partial(sample_dpm_solver, order=3, algorithm="dpmsolver"),
         "dpm++2m": partial(sample_dpm_solver, order=2, algorithm="dpmsolver++"),
         "dpm++3m": partial(sample_dpm_solver, order=3, algorithm="dpmsolver++"),
+    }
+
+
+def low_nfe_methods() -> dict[str, Method]:
+    """The training-free low-NFE solvers (named with ``--methods``; not in the default set, whose table
+    is kept): ``unipc-2`` / ``unipc-3`` (UniPC bh2), ``ipndm-4`` (iPNDM, lower-order warm start),
+    ``deis-3`` (DEIS-tAB3)."""
+    from hessdiff.samplers.solvers import sample_deis, sample_ipndm, sample_unipc
+
+    return {
+        "unipc-2": partial(sample_unipc, order=2),
+        "unipc-3": partial(sample_unipc, order=3),
+        "ipndm-4": partial(sample_ipndm, order=4),
+        "deis-3": partial(sample_deis, order=3),
     }
 
 
