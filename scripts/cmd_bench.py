@@ -69,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"dimension of the CIFAR-like Gaussian (default {FULL['gaussian_dim']}; 0: skip)")
     g.add_argument("--spacing", nargs="+", help=f"grid spacings (default {FULL['spacing']}; also leading, "
                                                 "linspace, karras, uniform)")
-    g.add_argument("--methods", nargs="+", help="methods (default: ddim dpm-3 dpm++2m dpm++3m; also unipc-2 unipc-3 ipndm-4 deis-3)")
+    g.add_argument("--methods", nargs="+",
+                   help="methods (default: ddim dpm-3 dpm++2m dpm++3m; also unipc-2 unipc-3 ipndm-4 deis-3)")
     g.add_argument("--projections", type=int,
                    help=f"random directions of the sliced W1 (default {FULL['projections']})")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
