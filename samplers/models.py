@@ -60,6 +60,8 @@ __all__ = [
     "read_idx_gz",
     "FASHION_CLASSES",
     "load_model",
+    "model_fingerprint",
+    "LML_STATS_FILE",
     "load_unet_and_scheduler",
     "load_vae",
     "load_classifier",
@@ -596,7 +598,18 @@ def _load_folder(path: Path, source: str) -> DiffusionModel:
         scheduler = DDPMScheduler()
         warnings.warn(f"{path}: no scheduler_config.json; assuming diffusers' default DDPMScheduler")
     else:
-        scheduler = _scheduler_class(sched_file).from_pretrained(str(sched_file.parent), local_files_only=True)
+        sched_cls = _scheduler_class(sched_file)
+        try:
+            scheduler = sched_cls.from_pretrained(str(sched_file.parent), local_files_only=True)
+        except FileNotFoundError as exc:  # an LML drop-in with lml_variant="stats" whose statistics file is missing
+            from .diffusers.schedulers import LMLStatsNotFoundError
+
+            if not isinstance(exc, LMLStatsNotFoundError):
+                raise
+            warnings.warn(f"{sched_file}: {exc} Loaded the scheduler with lml_variant='published' instead (its "
+                          "noise schedule is all hessdiff's own samplers read).", UserWarning, stacklevel=3)
+            scheduler = sched_cls.from_pretrained(str(sched_file.parent), local_files_only=True,
+                                                  lml_variant="published")
 
     vae = None
     scaling = None
@@ -680,6 +693,43 @@ def load_model(name_or_path: str | os.PathLike = "mnist") -> DiffusionModel:
     if path is not None:
         return _load_folder(path, source=str(name_or_path))
     return _load_hub(str(name_or_path))
+
+
+#: the per-model LML statistics file (``python -m hessdiff.scripts.lml_stats``), next to the model
+LML_STATS_FILE = "lml_stats.safetensors"
+
+_NET_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
+
+
+def model_fingerprint(name_or_path: str | os.PathLike) -> str:
+    """A content hash (sha256, hex) of a local model's *networks*: the weight and config files of the folder
+    (``unet/``, ``vae/``, ..., or a bare UNet folder's top level), leaving out what may change without the
+    networks changing -- ``scheduler/``, ``model_index.json``, resumable ``checkpoint/`` folders and the LML
+    statistics file itself. Statistics computed for one set of weights record it, so that they are not
+    used unknowingly with another."""
+    import hashlib
+
+    path = _resolve_local(name_or_path)
+    if path is None:
+        raise ModelLoadError(f"{str(name_or_path)!r} is not a local model folder; download it first")
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if not f.is_file() or f.suffix not in _NET_SUFFIXES or f.name.startswith("."):
+            continue
+        if rel.parts[0] in ("scheduler", "checkpoint") or "checkpoint" in rel.parts:
+            continue
+        if f.name in ("model_index.json", "scheduler_config.json", LML_STATS_FILE) or f.name.startswith("lml_stats"):
+            continue
+        if len(rel.parts) == 1 and f.suffix == ".json" and f.name != "config.json":
+            continue  # top-level metrics.json, train_log.json, provisional.json ...
+        if len(rel.parts) > 2:
+            continue
+        h.update(str(rel.as_posix()).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def load_unet_and_scheduler(name_or_path: str | os.PathLike = "mnist") -> tuple[Any, Any]:

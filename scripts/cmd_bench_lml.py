@@ -59,9 +59,10 @@ def register_lml(sub: argparse._SubParsersAction) -> None:
                                                     f"(default {FULL['gaussian_dim']})")
     g.add_argument("--hessian-dims", type=int, nargs="*", help=f"dimensions of the Hessian-error part "
                                                                f"(default {FULL['hessian_dims']})")
-    g.add_argument("--variants", nargs="+", help="LML variants of the quality part (default: all; see "
-                                                 "hessdiff.scripts.bench.lml.VARIANTS)")
-    g.add_argument("--bases", nargs="+", help="base solvers (default: ddim dpm-3 dpm++2m dpm++3m)")
+    g.add_argument("--variants", nargs="+", help="LML variants of the quality part (default: all; 'none': the "
+                                                 "bases only; see hessdiff.scripts.bench.lml.VARIANTS)")
+    g.add_argument("--bases", nargs="+", help="base solvers (default: ddim dpm-3 dpm++2m dpm++3m; also unipc-2 "
+                                              "unipc-3 ipndm-4 deis-3)")
     g.add_argument("--spacing", default="trailing", help="grid spacing (default trailing)")
     g.add_argument("--projections", type=int, help=f"sliced-W1 directions (default {FULL['projections']})")
     g.add_argument("--repeats", type=int, help=f"timing repeats of the overhead part (default {FULL['repeats']})")

@@ -2,7 +2,8 @@
 
 * :mod:`.published` -- the published rank-one map (:class:`LMLCorrection`), the identity in exact
   arithmetic, and its matched-noise control;
-* :mod:`.curvature` -- ``A = d x0_hat / d y = I - sigma^2 H`` from JVPs or secants, and the sources;
+* :mod:`.curvature` -- ``A = d x0_hat / d y = I - sigma^2 H`` from JVPs or secants, and the sources
+  (JVPs, secants, the data covariance, a noise-level gate, per-level model statistics);
 * :mod:`.hessian_step` -- the second-order Gaussian / Levenberg--Marquardt steps
   (:class:`HessianStepCorrection`) with their damping policies;
 * :mod:`.langevin` -- a Newton--Langevin corrector at one noise level.
@@ -21,10 +22,14 @@ from torch import Tensor
 
 from ..loop import Proposal
 from .curvature import (
+    DataCovarianceSource,
+    GatedSource,
     JVPSource,
     SecantCurvature,
     SecantSource,
+    StatsSource,
     denoiser_jvp,
+    estimate_model_stats,
     exact_curvature,
     hessian_from_curvature,
     jvp_curvature,
@@ -58,7 +63,7 @@ __all__ = [
     "hessian_from_curvature", "SecantCurvature", "JVPSource", "SecantSource", "FixedDamping", "GainRatioDamping",
     "HessianStepOptions", "HessianStepCorrection", "gaussian_step", "lm_step", "NewtonLangevinCorrector",
     "ChainCorrection", "make_correction", "sample_lml", "sample_lml_jvp", "check_lamb_kappa", "secant_to_level",
-    "transport",
+    "transport", "DataCovarianceSource", "GatedSource", "StatsSource", "estimate_model_stats",
 ]
 
 

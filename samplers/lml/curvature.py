@@ -380,15 +380,27 @@ class StatsSource:
     model statistics): at each stored level ``rho_k`` a low-rank-plus-identity estimate of the mean
     ``E[A(x_t)]`` over data (:func:`estimate_model_stats`); at sampling time the nearest level's estimate is
     transported to ``rho`` as a Gaussian would (:func:`transport`). Stats belong to a model: load them from
-    ``lml_stats.safetensors`` next to it (:meth:`load`)."""
+    ``lml_stats.safetensors`` next to it (:meth:`load`; ``python -m hessdiff.scripts.lml_stats MODEL`` writes
+    it). ``metadata``: string key/values stored in the file's header (model fingerprint, how it was made)."""
 
     jvp_calls = 0
 
-    def __init__(self, rhos: Tensor, U: Tensor, s: Tensor, s0: Tensor) -> None:
+    def __init__(self, rhos: Tensor, U: Tensor, s: Tensor, s0: Tensor, metadata: dict[str, str] | None = None) -> None:
         if not (U.ndim == 3 and s.shape == U.shape[::2] and s0.shape == rhos.shape == U.shape[:1]):
             raise ValueError(f"stats shapes do not fit: rhos {tuple(rhos.shape)}, U {tuple(U.shape)}, "
                              f"s {tuple(s.shape)}, s0 {tuple(s0.shape)}")
+        if not bool((rhos > 0).all()) or not bool(torch.isfinite(rhos).all()):
+            raise ValueError("stats noise levels rhos must be positive and finite")
         self.rhos, self.U, self.s, self.s0 = (t.to(torch.float64) for t in (rhos, U, s, s0))
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    @property
+    def rank(self) -> int:
+        return int(self.U.shape[2])
+
+    @property
+    def dim(self) -> int:
+        return int(self.U.shape[1])
 
     def reset(self) -> None:
         pass
@@ -397,53 +409,110 @@ class StatsSource:
         pass
 
     def estimate(self, ctx: Any, eps: Tensor, rho: float, project: Tensor | None) -> LowRankSym | None:
+        if eps.ndim >= 1 and flat(eps).shape[1] != self.dim:
+            raise ValueError(f"these model statistics are for dimension {self.dim}, the sample has "
+                             f"{flat(eps).shape[1]} (stats of another model?)")
         k = int(torch.argmin((self.rhos.log() - math.log(rho)).abs()))
         B = eps.shape[0]
-        A = LowRankSym(self.U[k].expand(B, -1, -1), self.s[k].expand(B, -1), self.s0[k].expand(B))
+        dev = eps.device
+        A = LowRankSym(self.U[k].to(dev).expand(B, -1, -1), self.s[k].to(dev).expand(B, -1),
+                       self.s0[k].to(dev).expand(B))
         return _compress(transport(A, float(self.rhos[k]), rho), project)
 
-    def save(self, path: str | Any, overwrite: bool = False) -> None:
+    def save(self, path: str | Any, overwrite: bool = False, metadata: dict[str, str] | None = None) -> Any:
+        """Write ``rhos, U, s, s0`` (float64) and the metadata (``self.metadata`` updated by ``metadata``)
+        to a safetensors file, atomically; an existing file is refused unless ``overwrite``."""
         from safetensors.torch import save_file
 
         from hessdiff.utils.files import atomic_write
 
-        tensors = {"rhos": self.rhos, "U": self.U.contiguous(), "s": self.s, "s0": self.s0}
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)), overwrite=overwrite)
+        meta = {str(k): str(v) for k, v in {**self.metadata, **(metadata or {})}.items()}
+        tensors = {"rhos": self.rhos.contiguous(), "U": self.U.contiguous(), "s": self.s.contiguous(),
+                   "s0": self.s0.contiguous()}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta or None),
+                            overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Any) -> StatsSource:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        t = load_file(str(path))
-        return cls(t["rhos"], t["U"], t["s"], t["s0"])
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            missing = {"rhos", "U", "s", "s0"} - names
+            if missing:
+                raise ValueError(f"{path}: not an LML statistics file (missing {sorted(missing)})")
+            t = {k: f.get_tensor(k) for k in ("rhos", "U", "s", "s0")}
+            meta = f.metadata() or {}
+        return cls(t["rhos"], t["U"], t["s"], t["s0"], metadata=dict(meta))
+
+    def __repr__(self) -> str:
+        return (f"StatsSource(levels={self.rhos.numel()}, rank={self.rank}, dim={self.dim}, "
+                f"rho={float(self.rhos.min()):.3g}..{float(self.rhos.max()):.3g})")
 
 
 def estimate_model_stats(denoiser: Any, data: Tensor, rhos: Sequence[float], rank: int = 8, *, oversample: int = 4,
-                         iterations: int = 1, generator: torch.Generator | None = None) -> StatsSource:
+                         iterations: int = 1, generator: torch.Generator | None = None,
+                         batch_size: int | None = None, fd_step: float | None = None,
+                         on_level: Any = None) -> StatsSource:
     """Per-level statistics for :class:`StatsSource`: at each ``rho`` in ``rhos``, ``x_t = alpha x0 +
     sigma eps`` for the data batch, and randomised subspace iteration on the data-averaged
     ``E[A(x_t)] = E[alpha d x0_hat / d x_t]`` with ``rank + oversample`` probes (``(iterations + 1) x
     (rank + oversample)`` batched JVPs per level); ``s0`` is the mean remaining eigenvalue from a
-    Hutchinson trace of the same average."""
+    Hutchinson trace of the same average (4 more JVPs).
+
+    batch_size: images per network call (default: all at once); the result does not depend on it.
+    fd_step: ``None`` (default): JVPs (:func:`denoiser_jvp`: an oracle's closed form, else forward-mode
+      autodiff, about 3-4 network evaluations each); a number ``h``: central differences
+      ``(x0_hat(x + h sigma v) - x0_hat(x - h sigma v)) / (2 h sigma)`` along unit probes ``v`` (2 network
+      evaluations, no autodiff; truncation error ``O(h^2)``, float32 rounding ``~1e-7 / h``).
+    on_level: called as ``on_level(k, rho, seconds)`` after each level (progress).
+    """
+    import time
+
+    if rank < 1 or oversample < 0 or iterations < 0:
+        raise ValueError(f"need rank >= 1, oversample >= 0, iterations >= 0; got {rank}, {oversample}, {iterations}")
+    if fd_step is not None and not fd_step > 0:
+        raise ValueError(f"fd_step must be positive, got {fd_step}")
     sched = denoiser.schedule
     X = data.to(torch.float64)
+    n = X.shape[0]
     d = flat(X).shape[1]
-    m = rank + oversample
+    if rank > d:
+        raise ValueError(f"rank {rank} exceeds the data dimension {d}")
+    m = min(rank + oversample, d)
+    bs = n if batch_size is None else max(1, int(batch_size))
+    gen_dev = generator.device if generator is not None else torch.device("cpu")
     Us, ss, s0s = [], [], []
-    for rho in rhos:
+    for k, rho in enumerate(rhos):
+        t0 = time.perf_counter()
         t = sched.t_from_lambda(torch.tensor(-math.log(rho), dtype=torch.float64))
         a, s = (float(v) for v in sched.alpha_sigma(t.reshape(1)))
-        eps = torch.randn(X.shape, generator=generator, dtype=torch.float64)
+        eps = torch.randn(X.shape, generator=generator, dtype=torch.float64, device=gen_dev).to(X.device)
         xt = (a * X + s * eps).to(data.dtype)
 
-        def mean_A(V: Tensor, xt: Tensor = xt, t: Tensor = t, a: float = a) -> Tensor:  # [d, m] -> [d, m]
-            cols = []
-            for j in range(V.shape[1]):
-                v = V[:, j].reshape(1, *data.shape[1:]).expand_as(xt).to(data.dtype)
-                cols.append(a * flat(denoiser_jvp(denoiser, xt, t, v)).to(torch.float64).mean(0))
-            return torch.stack(cols, 1)
+        def col(v: Tensor, xt: Tensor = xt, t: Tensor = t, a: float = a, s: float = s) -> Tensor:  # [d] -> [d]
+            total = torch.zeros(d, dtype=torch.float64, device=xt.device)
+            for xb in xt.split(bs):
+                vb = v.reshape(1, *data.shape[1:]).expand_as(xb).to(xb.dtype)
+                if fd_step is None:
+                    jv = flat(denoiser_jvp(denoiser, xb, t, vb)).to(torch.float64)
+                else:
+                    h = float(fd_step) * s
+                    with torch.no_grad():
+                        hi = flat(denoiser(xb + h * vb, t).x0).to(torch.float64)
+                        lo = flat(denoiser(xb - h * vb, t).x0).to(torch.float64)
+                    jv = (hi - lo) / (2 * h)
+                total += a * jv.sum(0)
+            return total / n
 
-        Q = torch.linalg.qr(torch.randn(d, m, generator=generator, dtype=torch.float64))[0]
+        def mean_A(V: Tensor) -> Tensor:  # [d, m] -> [d, m]
+            if fd_step is None:
+                return torch.stack([col(V[:, j]) for j in range(V.shape[1])], 1)
+            norms = V.norm(dim=0).clamp(min=1e-300)  # differences along unit vectors, rescaled
+            return torch.stack([col(V[:, j] / norms[j]) * norms[j] for j in range(V.shape[1])], 1)
+
+        G = torch.randn(d, m, generator=generator, dtype=torch.float64, device=gen_dev).to(X.device)
+        Q = torch.linalg.qr(G)[0]
         for _ in range(iterations):
             Q = torch.linalg.qr(mean_A(Q))[0]
         AQ = mean_A(Q)
@@ -451,11 +520,13 @@ def estimate_model_stats(denoiser: Any, data: Tensor, rhos: Sequence[float], ran
         w, Z = torch.linalg.eigh(0.5 * (Tm + Tm.T))
         idx = torch.argsort(w, descending=True)[:rank]
         U, sv = Q @ Z[:, idx], w[idx].clamp(0.0, 1.0)
-        probe = torch.randn(d, 4, generator=generator, dtype=torch.float64)
+        probe = torch.randn(d, 4, generator=generator, dtype=torch.float64, device=gen_dev).to(X.device)
         trace = float((probe * mean_A(probe)).sum(0).mean())
         s0 = min(max((trace - float(sv.sum())) / max(d - rank, 1), 0.0), 1.0)
         Us.append(U)
         ss.append(sv)
         s0s.append(s0)
+        if on_level is not None:
+            on_level(k, float(rho), time.perf_counter() - t0)
     return StatsSource(torch.tensor(list(rhos), dtype=torch.float64), torch.stack(Us), torch.stack(ss),
                        torch.tensor(s0s, dtype=torch.float64))

@@ -36,11 +36,16 @@ import torch
 from torch import Tensor
 
 from hessdiff.samplers.lml import (
+    DataCovarianceSource,
+    GatedSource,
     HessianStepCorrection,
     LMLCorrection,
     MatchedNoiseCorrection,
     NewtonLangevinCorrector,
     SecantCurvature,
+    SecantSource,
+    StatsSource,
+    estimate_model_stats,
     exact_curvature,
     jvp_curvature,
     lml_rounding_law,
@@ -55,12 +60,17 @@ from hessdiff.scripts.bench.gmm import (
     default_methods,
     default_problems,
     grid_gmm_prior_problem,
+    low_nfe_methods,
     make_grid,
     run_prior_benchmark,
 )
 
 __all__ = [
     "BASES",
+    "ALL_BASES",
+    "base_methods",
+    "oracle_stats",
+    "oracle_data",
     "VARIANTS",
     "Variant",
     "DEFAULT_SET",
@@ -86,6 +96,97 @@ __all__ = [
 BASES: tuple[str, ...] = ("ddim", "dpm-3", "dpm++2m", "dpm++3m")
 
 
+def base_methods() -> dict[str, Method]:
+    """Every base solver the LML benchmark accepts: :func:`~hessdiff.scripts.bench.gmm.default_methods`
+    (``ddim``, ``dpm-3``, ``dpm++2m``, ``dpm++3m``) and the training-free low-NFE solvers of PAPERS.md 7
+    (:func:`~hessdiff.scripts.bench.gmm.low_nfe_methods`: ``unipc-2`` / ``unipc-3``, UniPC bh2 with data
+    prediction; ``ipndm-4``, iPNDM with lower-order warm start; ``deis-3``, DEIS-tAB3). The corrections act on
+    each solver's update vector (:mod:`hessdiff.samplers.solvers`): UniPC's predictor increment, iPNDM's /
+    DEIS's combined noise."""
+    return {**default_methods(), **low_nfe_methods()}
+
+
+#: every accepted base name (:func:`base_methods`)
+ALL_BASES: tuple[str, ...] = tuple(base_methods())
+
+#: seeds of the oracle's model statistics / data covariance (fixed: they belong to the "model", not to a run)
+_ORACLE_DATA_SEED = 20251
+_ORACLE_DATA_N = 1024
+_ORACLE_STATS_LEVELS = 12
+_ORACLE_CACHE: dict[tuple[str, int, int], tuple[Any, Any]] = {}
+
+
+def _prior_of(den: Any) -> Any:
+    """The exact prior behind an oracle denoiser (through FastIsotropicGMM / CountingDenoiser), else None."""
+    return getattr(den, "prior", None)
+
+
+def _cached(kind: str, den: Any, param: int, make: Callable[[], Any]) -> Any:
+    prior = _prior_of(den)
+    if prior is None:
+        raise ValueError(f"the {kind} variants need an exact oracle (a denoiser with a `prior`) or a denoiser "
+                         "carrying `lml_stats` (a StatsSource)")
+    key = (kind, id(prior), param)
+    hit = _ORACLE_CACHE.get(key)
+    if hit is None or hit[0] is not prior:
+        hit = _ORACLE_CACHE[key] = (prior, make())
+    return hit[1]
+
+
+def oracle_data(den: Any) -> Tensor:
+    """``1024`` exact draws of the oracle's prior from a fixed seed: the "training data" of the model-free
+    data-covariance and statistics sources (the same for every run, seed and NFE of a problem)."""
+    return _cached("data", den, _ORACLE_DATA_N, lambda: _prior_of(den).sample(
+        _ORACLE_DATA_N, torch.Generator().manual_seed(_ORACLE_DATA_SEED)))
+
+
+def oracle_stats(den: Any, rank: int = 8) -> StatsSource:
+    """The model statistics of an exact denoiser (:func:`~hessdiff.samplers.lml.curvature.estimate_model_stats`
+    with its closed-form JVPs on :func:`oracle_data`, rank ``min(rank, d)``, 12 levels log-spaced over the
+    schedule as ``python -m hessdiff.scripts.lml_stats`` places them), computed once per prior; a denoiser
+    with an ``lml_stats`` attribute (a loaded statistics file) gives that instead."""
+    own = getattr(den, "lml_stats", None)
+    if own is not None:
+        return own
+    from hessdiff.scripts.lml_stats import stats_levels
+
+    def make() -> StatsSource:
+        data = oracle_data(den)
+        k = min(rank, data.shape[1])
+        rhos, _ = stats_levels(den.schedule, _ORACLE_STATS_LEVELS)
+        exact = den
+        while isinstance(exact, CountingDenoiser):  # a precomputation: not counted against any run
+            exact = exact.inner
+        return estimate_model_stats(_fast(exact), data, rhos, k, oversample=4, iterations=1,
+                                    generator=torch.Generator().manual_seed(_ORACLE_DATA_SEED + 1))
+
+    return _cached("stats", den, rank, make)
+
+
+class _NoCurvature:
+    """A curvature source that never has an estimate (the step is left to the base solver): the low side of
+    a gate that corrects only at high noise."""
+
+    jvp_calls = 0
+
+    def reset(self) -> None:
+        pass
+
+    def observe(self, y: Tensor, x0: Tensor, rho: float) -> None:
+        pass
+
+    def estimate(self, ctx: Any, eps: Tensor, rho: float, project: Tensor | None) -> None:
+        return None
+
+
+def _oracle_cov(den: Any, rank: int = 32) -> DataCovarianceSource:
+    def make() -> DataCovarianceSource:
+        data = oracle_data(den)
+        return DataCovarianceSource.from_data(data, rank=min(rank, data.shape[1]))
+
+    return _cached("cov", den, rank, make)
+
+
 def _seed_of(x: Tensor) -> int:
     """A deterministic seed from the start batch (stochastic methods then repeat exactly per seed)."""
     return zlib.crc32(x.detach().to(torch.float64).cpu().numpy().tobytes()[:4096])
@@ -103,14 +204,16 @@ class Variant:
     """An LML method on top of a base solver.
 
     ``correction(nfe, seed, dim)`` / ``corrector(nfe, generator)`` build the hooks (either may be None);
-    ``extra(n)`` is the number of network evaluations beyond the ``n`` solver steps (JVPs and
-    corrector evaluations), used to match budgets.
+    ``model_correction(denoiser, nfe, seed, dim)`` builds a correction that needs the model (its statistics or
+    its data, e.g. :func:`oracle_stats`) instead of ``correction``; ``extra(n)`` is the number of network
+    evaluations beyond the ``n`` solver steps (JVPs and corrector evaluations), used to match budgets.
     """
 
     doc: str
     correction: Callable[[int, int, int], Any] | None = None
     corrector: Callable[[int, torch.Generator], Any] | None = None
     extra: Callable[[int], int] = field(default=lambda n: 0)
+    model_correction: Callable[[Any, int, int, int], Any] | None = None
 
 
 VARIANTS: dict[str, Variant] = {
@@ -158,6 +261,31 @@ VARIANTS: dict[str, Variant] = {
                         corrector=lambda nfe, gen: NewtonLangevinCorrector("none", step_size=0.5, damping=1.0,
                                                                            generator=gen),
                         extra=lambda n: n - 1),
+    "stats8": Variant("model statistics (zero NFE; rank 8, 12 levels, data-averaged Jacobian of the model, "
+                      "oracle_stats; a stats file on a trained network), Gaussian step at every step",
+                      model_correction=lambda den, nfe, seed, d: HessianStepCorrection(
+                          oracle_stats(den), adaptive=False, radial="keep")),
+    "stats8-ad": Variant("model statistics (zero NFE), gain-ratio damping",
+                         model_correction=lambda den, nfe, seed, d: HessianStepCorrection(
+                             oracle_stats(den), adaptive=True, radial="keep")),
+    "stats8-ad-perp": Variant("model statistics (zero NFE), gain-ratio damping, radial part left to the base "
+                              "solver: the drop-ins' lml_variant='stats'",
+                              model_correction=lambda den, nfe, seed, d: HessianStepCorrection(
+                                  oracle_stats(den), adaptive=True, radial="exclude")),
+    "stats8-hi-ad": Variant("model statistics only at high noise (rho = sigma / alpha >= 1; below it the base "
+                            "solver's step), gain-ratio damping (zero NFE)",
+                            model_correction=lambda den, nfe, seed, d: HessianStepCorrection(
+                                GatedSource(_NoCurvature(), oracle_stats(den), gate=1.0), adaptive=True,
+                                radial="keep")),
+    "cov-ad": Variant("data covariance (zero NFE, model-free: rank 32 PCA of 1024 data draws, the mean variance "
+                      "on the rest), gain-ratio damping",
+                      model_correction=lambda den, nfe, seed, d: HessianStepCorrection(
+                          _oracle_cov(den), adaptive=True, radial="keep")),
+    "sec1-cov-ad": Variant("gated (zero NFE): secant curvature below rho = sigma / alpha = 1, data covariance "
+                           "above, gain-ratio damping",
+                           model_correction=lambda den, nfe, seed, d: HessianStepCorrection(
+                               GatedSource(SecantSource(1), _oracle_cov(den), gate=1.0), adaptive=True,
+                               radial="keep")),
 }
 
 #: the method set of the published benchmark: ``(base, variant, jvp_free)`` triples
@@ -191,7 +319,8 @@ def lml_methods(
 ) -> dict[str, Method]:
     """Benchmark methods ``"<base>"`` and ``"<base>+<variant>"`` for :func:`run_prior_benchmark`.
 
-    Either ``names`` (keys of :data:`VARIANTS`, default all) on every base in ``bases``, or explicit
+    Either ``names`` (keys of :data:`VARIANTS`, default all; ``"none"``: only the bases) on every base in
+    ``bases`` (keys of :func:`base_methods`), or explicit
     ``triples`` ``(base, variant, jvp_free)`` (e.g. :data:`DEFAULT_SET`; their bases are added to
     ``bases``). A variant with extra evaluations (JVPs, corrector steps) at budget ``NFE`` runs the
     largest number of steps ``n`` with ``n + extra(n) <= NFE`` on a grid of the same ``spacing``
@@ -199,9 +328,9 @@ def lml_methods(
     runs ``NFE`` steps with the extra evaluations on top. A budget too small for one step yields
     NaN samples (the benchmark then raises), so such combinations should not be requested.
     """
-    base_fns = default_methods()
+    base_fns = base_methods()
     if triples is None:
-        names = list(VARIANTS) if names is None else list(names)
+        names = list(VARIANTS) if names is None else [n for n in names if n != "none"]
         bad = [n for n in names if n not in VARIANTS]
         if bad:
             raise ValueError(f"unknown LML variant {bad[0]!r}; available: {', '.join(VARIANTS)}")
@@ -284,6 +413,8 @@ def _run_variant(base: Method, var: Variant, spacing: str, matched: bool, den: A
     kw: dict[str, Any] = {}
     if var.correction is not None:
         kw["correction"] = var.correction(nfe, seed, flat(x).shape[1])
+    if var.model_correction is not None:
+        kw["correction"] = var.model_correction(den, nfe, seed, flat(x).shape[1])
     if var.corrector is not None:
         kw["corrector"] = var.corrector(nfe, torch.Generator().manual_seed(seed))
     return base(den, x, grid, **kw)
@@ -489,7 +620,7 @@ def quality_rows(
 
 def zero_nfe(method: str) -> bool:
     """Whether a benchmark method name is a base solver with a zero-extra-evaluation variant."""
-    for b in sorted(default_methods(), key=len, reverse=True):  # base names contain "+" (dpm++2m)
+    for b in sorted(base_methods(), key=len, reverse=True):  # base names contain "+" (dpm++2m)
         if method.startswith(b + "+"):
             v = method[len(b) + 1:]
             return v in VARIANTS and VARIANTS[v].extra(2) == 0
@@ -497,7 +628,7 @@ def zero_nfe(method: str) -> bool:
 
 
 def goal_rows(rows: Sequence[Mapping[str, Any]], *, metric: str = "sw1", max_nfe: int = 10,
-              bases: Sequence[str] = BASES, exclude_jvp_free: bool = True,
+              bases: Sequence[str] = ALL_BASES, exclude_jvp_free: bool = True,
               include: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
     """Best base solver vs best LML method per (problem, NFE <= max_nfe) on ``metric``.
 
@@ -665,7 +796,7 @@ def embedded_rows(
     from hessdiff.eval.metrics import psnr, ssim
     from hessdiff.eval.metrics.fid import FeatureStats, fid_from_stats
     from hessdiff.samplers.denoiser import UNetDenoiser
-    from hessdiff.samplers.models import domain_features, embedded_dataset, load_model
+    from hessdiff.samplers.models import LML_STATS_FILE, _resolve_local, domain_features, embedded_dataset, load_model
 
     if n_samples < 2:
         raise ValueError(f"n_samples must be at least 2, got {n_samples}")
@@ -675,6 +806,9 @@ def embedded_rows(
     for name in models:
         model = load_model(name)
         den = CountingDenoiser(UNetDenoiser.from_unet_and_scheduler(model.unet, model.scheduler))
+        stats_file = _resolve_local(name)
+        if stats_file is not None and (stats_file / LML_STATS_FILE).is_file():  # for the stats variants
+            den.lml_stats = StatsSource.load(stats_file / LML_STATS_FILE)  # type: ignore[attr-defined]
         decode = model.decode if model.is_latent else (lambda z: z)
         noise = torch.cat([torch.randn((1, *model.sample_shape), generator=torch.Generator().manual_seed(s))
                            for s in range(first_seed, first_seed + n_samples)])

@@ -97,3 +97,51 @@ def test_embedded_part_on_the_pixel_model():
                             triples=(), bases=("dpm++2m",))
     assert more[0]["psnr"] > by["dpm++2m"]["psnr"]
     assert "| dpm++2m+jvp2-first-perp | " in BL.format_embedded(rows)
+
+
+def test_new_bases_and_model_variants_parse_and_run():
+    new = ("unipc-2", "unipc-3", "ipndm-4", "deis-3")
+    assert set(new) <= set(BL.ALL_BASES) and set(BL.BASES) <= set(BL.ALL_BASES)
+    variants = ["sec1-ad", "stats8-ad", "stats8-ad-perp", "cov-ad", "sec1-cov-ad"]
+    methods = BL.lml_methods(variants, bases=new)
+    assert set(methods) == set(new) | {f"{b}+{v}" for b in new for v in variants}
+    assert BL.lml_methods(["none"], bases=new).keys() == set(new)
+    for name in ("unipc-3+stats8-ad", "ipndm-4+cov-ad", "deis-3+sec1-cov-ad", "unipc-2+sec1-ad"):
+        assert BL.zero_nfe(name), name
+    assert not BL.zero_nfe("deis-3") and not BL.zero_nfe("ipndm-4+jvp2-first")
+    den = CountingDenoiser(GMMDenoiser(grid_gmm_prior(8)))
+    grid = BL.make_grid(den.schedule, 6)
+    x = den.inner.marginal(float(grid.t[0])).sample(16, torch.Generator().manual_seed(0))
+    outs = {}
+    for name, fn in methods.items():
+        den.nfe, den.extra = 0, {}
+        outs[name] = fn(den, x, grid)
+        assert torch.isfinite(outs[name]).all(), name
+        assert den.nfe == 6 and not den.extra, (name, den.nfe, den.extra)  # zero extra evaluations
+    for b in new:
+        for v in variants:
+            assert float((outs[f"{b}+{v}"] - outs[b]).norm() / outs[b].norm()) > 1e-6, (b, v)
+    st = BL.oracle_stats(den)
+    assert st is BL.oracle_stats(den.inner) and st.rank == 8 and st.dim == 8  # one estimate per prior
+    with pytest.raises(ValueError, match="oracle"):
+        BL.oracle_stats(object())
+
+
+def test_oracle_stats_of_a_gaussian_give_the_exact_step():
+    """On a Gaussian prior the data-averaged Jacobian is the Jacobian: DDIM with the stats8 step is the exact
+    probability-flow map of the grid (the "exact-ode" row), the base solver is not."""
+    from hessdiff.samplers.oracles.gmm import cifar_like_spectrum
+    from hessdiff.scripts.bench.gmm import gaussian_spectrum_problem, run_prior_benchmark
+
+    prob = gaussian_spectrum_problem(8, cifar_like_spectrum(8))
+    methods = BL.lml_methods(["stats8", "cov-ad"], bases=["ddim"])
+    rows = run_prior_benchmark(methods, [5], [prob], [0], 200, num_projections=20)
+    w2 = {r["method"]: r["value"] for r in rows if r["metric"] == "w2"}
+    assert abs(w2["ddim+stats8"] - w2["exact-ode"]) < 1e-9 < abs(w2["ddim"] - w2["exact-ode"]) - 1e-3, w2
+
+
+def test_cli_accepts_the_new_bases():
+    assert main(["bench", "lml", "--parts", "quality", "--bases", "unipc-3", "ipndm-4", "--variants", "none",
+                 "sec1-ad", "--nfe", "5", "--seeds", "1", "--n-samples", "40", "--dims", "8", "--gaussian-dim", "0",
+                 "--projections", "20", "--threads", "1"]) == 0
+    assert main(["bench", "lml", "--quick", "--parts", "quality", "--bases", "heun"]) == 2
