@@ -85,7 +85,8 @@ def _model_fingerprint(source: str) -> str | None:
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
-        if not p.is_file() or p.suffix not in _WEIGHT_SUFFIXES or "checkpoint" in rel.parts:
+        if (not p.is_file() or p.suffix not in _WEIGHT_SUFFIXES or "checkpoint" in rel.parts
+                or p.name.startswith("lml_stats")):  # sampler statistics, not the network's weights
             continue
         h.update(str(rel).encode() + b"\0")
         with open(p, "rb") as f:

@@ -34,10 +34,11 @@ Each adds these config entries, registered through diffusers' ``register_to_conf
   ``lml_stats.safetensors`` written by ``python -m hessdiff.scripts.lml_stats MODEL``; the whole step is
   corrected). Measured on the embedded MNIST DDPM the secant variant is close to the base solver (worse at
   NFE 5, slightly better PSNR to the converged solution at NFE 10; BENCHMARKS.md); the stats variant is
-  slightly better than the base (DPM-Solver++(2M), 100 samples: PSNR to the converged solution 23.35 ->
-  23.47 dB at NFE 5, 29.55 -> 29.80 dB at NFE 10) and on the exact grid-mixture oracles it cuts the sliced W1
-  of the best base solver by 40-78 % at NFE 5-6 (``hessdiff bench lml``, variant ``stats8-ad``).
-  ``lamb``/``kappa``/``precision`` only concern the published map.
+  slightly better than the base there (DPM-Solver++(2M), 100 samples: PSNR to the converged solution 23.35 ->
+  23.47 dB at NFE 5, 29.55 -> 29.80 dB at NFE 10). With exact statistics of the grid-mixture oracles
+  (``hessdiff bench lml``, variant ``stats8-ad`` on UniPC) it cuts the sliced W1 of the best of eight base
+  solvers by 27-78 % at NFE 5-8 in d = 80 and 800, but in d = 8 only at NFE 5 (8 %) and is 26-41 % worse
+  at NFE 6-10. ``lamb``/``kappa``/``precision`` only concern the published map.
 * ``lml_stats`` (``lml_variant="stats"`` only): the path of the statistics file. Default ``None``: the file
   ``lml_stats.safetensors`` is looked for, when the scheduler is loaded with ``from_pretrained(folder,
   subfolder="scheduler")`` or inside ``DiffusionPipeline.from_pretrained(folder)``, in the scheduler's
