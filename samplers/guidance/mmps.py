@@ -100,22 +100,36 @@ def sample_mmps(denoiser: Any, operator: Any, y: Tensor, x: Tensor, grid: TimeGr
     """MMPS on a DDIM loop (``ddim_eta = 1``: the paper's benchmark): :class:`MMPSDenoiser` as the
     denoiser of :class:`~hessdiff.samplers.solvers.DDIM`. ``hooks``: ``generator``, ``callback``,
     ``progress``. NFE counts network forwards plus VJPs (``network_backward``)."""
+    def make(counted: Any, yb: Tensor, decoder: Any) -> MMPSDenoiser:
+        return MMPSDenoiser(counted, operator, yb, sigma_y, iterations=iterations, solver=solver,
+                            autoencoder=decoder, clip_x0=clip_x0)
+
+    return run_transform_on_ddim("sample_mmps", make, denoiser, operator, y, x, grid, autoencoder, sigma_y=sigma_y,
+                                 ddim_eta=ddim_eta, nfe_convention="network forwards plus vector-Jacobian products "
+                                 "(1 + iterations + 1 per step)", hooks=hooks)
+
+
+def run_transform_on_ddim(name: str, make: Any, denoiser: Any, operator: Any, y: Tensor, x: Tensor, grid: TimeGrid,
+                          autoencoder: Any | None, *, sigma_y: float, ddim_eta: float, nfe_convention: str,
+                          hooks: dict[str, Any]) -> Result:
+    """Run a guided denoiser transform (MMPS, TMPD, PiGDM) on a DDIM loop: checks, the counted denoiser,
+    the prepared measurement, ``make(counted, y_prepared, decoder_or_None)`` -> the transform, and the cost
+    (network forwards plus VJPs; the transform's decoder passes plus the final decode)."""
     _check_nonneg(ddim_eta=ddim_eta)
     if not (isinstance(x, Tensor) and math.isfinite(float(sigma_y))):
-        raise ValueError("sample_mmps needs a tensor x and a finite sigma_y")
+        raise ValueError(f"{name} needs a tensor x and a finite sigma_y")
     counted = CountingDenoiser(denoiser, autoencoder)
     data_shape = x.shape if autoencoder is None else autoencoder.data_shape(tuple(x.shape)) \
         if hasattr(autoencoder, "data_shape") else (x.shape[0], int(autoencoder.data_dim))
     yb = prepare_measurement(operator, y, data_shape, torch.float64 if x.dtype == torch.float64 else torch.float32,
                              x.device)
-    guided = MMPSDenoiser(counted, operator, yb, sigma_y, iterations=iterations, solver=solver,
-                          autoencoder=None if autoencoder is None else _Decoder(counted), clip_x0=clip_x0)
+    guided = make(counted, yb, None if autoencoder is None else _Decoder(counted))
     res = run_posterior(DDIM(ddim_eta), guided, x, grid, autoencoder, **hooks)
     cost = Cost(**{**vars(counted.cost), "wall_time_s": res.cost.wall_time_s,
                    "peak_memory_bytes": res.cost.peak_memory_bytes, "memory_measure": res.cost.memory_measure})
     cost.decoder_forward += res.cost.decoder_forward  # the final decode
     cost.nfe = cost.network_forward + cost.network_backward
-    cost.nfe_convention = "network forwards plus vector-Jacobian products (1 + iterations + 1 per step)"
+    cost.nfe_convention = nfe_convention
     res.cost = cost
     return res
 

@@ -42,20 +42,17 @@ iteration is a decoder VJP and a decoder JVP (``A J_D J_D^T A^T``), and ``A^T u'
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..denoiser import Prediction, broadcast_time
-from ..loop import CountingDenoiser, Result
+from ..loop import Result
 from ..schedule import TimeGrid
-from ..solvers import DDIM
 from .krylov import cg
-from .measurement import _check_nonneg, _choice, prepare_measurement
-from .mmps import _Decoder
-from .result import Cost, run_posterior
+from .measurement import _check_nonneg, _choice
+from .mmps import run_transform_on_ddim
 
 __all__ = ["PiGDMDenoiser", "sample_pigdm", "PIGDM_SCALINGS"]
 
@@ -153,21 +150,11 @@ def sample_pigdm(denoiser: Any, operator: Any, y: Tensor, x: Tensor, grid: TimeG
     :class:`~hessdiff.samplers.solvers.DDIM` (``scaling="released"`` with ``ddim_eta = 1`` is the
     mmps-benchmark's ΠGDM). ``hooks``: ``generator``, ``callback``, ``progress``. NFE counts network forwards
     plus VJPs (``network_backward``): 2 per step."""
-    _check_nonneg(ddim_eta=ddim_eta)
-    if not (isinstance(x, Tensor) and math.isfinite(float(sigma_y))):
-        raise ValueError("sample_pigdm needs a tensor x and a finite sigma_y")
-    counted = CountingDenoiser(denoiser, autoencoder)
-    data_shape = x.shape if autoencoder is None else autoencoder.data_shape(tuple(x.shape)) \
-        if hasattr(autoencoder, "data_shape") else (x.shape[0], int(autoencoder.data_dim))
-    yb = prepare_measurement(operator, y, data_shape, torch.float64 if x.dtype == torch.float64 else torch.float32,
-                             x.device)
-    guided = PiGDMDenoiser(counted, operator, yb, sigma_y, cg_iterations=cg_iterations, scaling=scaling,
-                           autoencoder=None if autoencoder is None else _Decoder(counted), clip_x0=clip_x0)
-    res = run_posterior(DDIM(ddim_eta), guided, x, grid, autoencoder, **hooks)
-    cost = Cost(**{**vars(counted.cost), "wall_time_s": res.cost.wall_time_s,
-                   "peak_memory_bytes": res.cost.peak_memory_bytes, "memory_measure": res.cost.memory_measure})
-    cost.decoder_forward += res.cost.decoder_forward  # the final decode
-    cost.nfe = cost.network_forward + cost.network_backward
-    cost.nfe_convention = "network forwards plus vector-Jacobian products (1 + 1 per step)"
-    res.cost = cost
-    return res
+
+    def make(counted: Any, yb: Tensor, decoder: Any) -> PiGDMDenoiser:
+        return PiGDMDenoiser(counted, operator, yb, sigma_y,
+                             autoencoder=decoder, cg_iterations=cg_iterations, scaling=scaling, clip_x0=clip_x0)
+
+    return run_transform_on_ddim("sample_pigdm", make, denoiser, operator, y, x, grid, autoencoder, sigma_y=sigma_y,
+                                 ddim_eta=ddim_eta, hooks=hooks,
+                                 nfe_convention="network forwards plus vector-Jacobian products (1 + 1 per step)")

@@ -36,12 +36,10 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Prediction, broadcast_time
-from ..loop import CountingDenoiser, Result
+from ..loop import Result
 from ..schedule import TimeGrid
-from ..solvers import DDIM
-from .measurement import _check_nonneg, prepare_measurement
-from .mmps import _Decoder
-from .result import Cost, run_posterior
+from .measurement import _check_nonneg
+from .mmps import run_transform_on_ddim
 
 __all__ = ["TMPDDenoiser", "sample_tmpd"]
 
@@ -108,21 +106,11 @@ def sample_tmpd(denoiser: Any, operator: Any, y: Tensor, x: Tensor, grid: TimeGr
     """TMPD on a DDIM loop (``ddim_eta = 1``: the mmps-benchmark setting): :class:`TMPDDenoiser` as the
     denoiser of :class:`~hessdiff.samplers.solvers.DDIM`. ``hooks``: ``generator``, ``callback``,
     ``progress``. NFE counts network forwards plus VJPs (``network_backward``): 3 per step."""
-    _check_nonneg(ddim_eta=ddim_eta)
-    if not (isinstance(x, Tensor) and math.isfinite(float(sigma_y))):
-        raise ValueError("sample_tmpd needs a tensor x and a finite sigma_y")
-    counted = CountingDenoiser(denoiser, autoencoder)
-    data_shape = x.shape if autoencoder is None else autoencoder.data_shape(tuple(x.shape)) \
-        if hasattr(autoencoder, "data_shape") else (x.shape[0], int(autoencoder.data_dim))
-    yb = prepare_measurement(operator, y, data_shape, torch.float64 if x.dtype == torch.float64 else torch.float32,
-                             x.device)
-    guided = TMPDDenoiser(counted, operator, yb, sigma_y, clip_x0=clip_x0, variance_floor=variance_floor,
-                          autoencoder=None if autoencoder is None else _Decoder(counted))
-    res = run_posterior(DDIM(ddim_eta), guided, x, grid, autoencoder, **hooks)
-    cost = Cost(**{**vars(counted.cost), "wall_time_s": res.cost.wall_time_s,
-                   "peak_memory_bytes": res.cost.peak_memory_bytes, "memory_measure": res.cost.memory_measure})
-    cost.decoder_forward += res.cost.decoder_forward  # the final decode
-    cost.nfe = cost.network_forward + cost.network_backward
-    cost.nfe_convention = "network forwards plus vector-Jacobian products (1 + 2 per step)"
-    res.cost = cost
-    return res
+
+    def make(counted: Any, yb: Tensor, decoder: Any) -> TMPDDenoiser:
+        return TMPDDenoiser(counted, operator, yb, sigma_y,
+                            autoencoder=decoder, clip_x0=clip_x0, variance_floor=variance_floor)
+
+    return run_transform_on_ddim("sample_tmpd", make, denoiser, operator, y, x, grid, autoencoder, sigma_y=sigma_y,
+                                 ddim_eta=ddim_eta, hooks=hooks,
+                                 nfe_convention="network forwards plus vector-Jacobian products (1 + 2 per step)")
