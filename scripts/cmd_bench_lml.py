@@ -74,12 +74,23 @@ def register_lml(sub: argparse._SubParsersAction) -> None:
                    help="NFE budgets of the embedded part (default 5 8 10 15 20)")
     g.add_argument("--reference-steps", type=int, default=100,
                    help="DPM-Solver++(2M) steps of the converged reference in the embedded part (default 100)")
+    g.add_argument("--embedded-methods", nargs="+", metavar="METHOD",
+                   help="methods of the embedded part, as named in the tables (e.g. dpm++2m unipc-2 "
+                        "unipc-2+stats8-ad; default: the bases ddim dpm-3 dpm++2m and a fixed LML set)")
+    g.add_argument("--embedded-blocks", type=int, default=1,
+                   help="seed blocks of --embedded-samples each in the embedded part: per-block FIDs give the "
+                        "spread and paired differences, and the pooled FID is over all blocks (default 1)")
+    g.add_argument("--reference-blocks", type=int,
+                   help="blocks whose images are also compared with the converged reference (default: all)")
+    g.add_argument("--resume", action="store_true",
+                   help="embedded part: skip the (model, method, NFE) cells already complete in --out rows "
+                        "written by the same command")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--out", help="append raw rows (JSON lines, with a 'part' key) to this file")
     g.add_argument("--write-benchmarks", metavar="FILE", help="replace (or add) the <!-- bench:lml --> section")
     g.add_argument("--progress", action="store_true", help="one line per quality run on stderr")
     g.add_argument("--render", nargs="+", metavar="ROWS", help="do not run: format the rows saved with --out "
-                                                              "(JSON lines) and print / write them")
+                                                              "(JSON lines, or gzipped: .gz) and print / write them")
     g.add_argument("--notes", metavar="FILE", help="Markdown inserted after the section header with --render "
                                                    "(a summary of the tables)")
     g.set_defaults(func=run_lml)
@@ -113,6 +124,12 @@ def _command(args: argparse.Namespace, s: dict[str, Any], parts: list[str]) -> s
     if "embedded" in parts:
         p += ["--models", *args.models, "--embedded-samples", str(args.embedded_samples), "--embedded-nfe",
               *map(str, args.embedded_nfe), "--reference-steps", str(args.reference_steps)]
+        if args.embedded_methods:
+            p += ["--embedded-methods", *args.embedded_methods]
+        if args.embedded_blocks != 1:
+            p += ["--embedded-blocks", str(args.embedded_blocks)]
+        if args.reference_blocks is not None:
+            p += ["--reference-blocks", str(args.reference_blocks)]
     if args.variants:
         p += ["--variants", *args.variants]
     if args.bases:
@@ -141,12 +158,21 @@ def _render(paths: list[str]) -> tuple[str, list[str]]:
         p = Path(path)
         if not p.exists():
             raise CLIError(f"no such rows file: {path} (write one with --out)")
-        for line in p.read_text(encoding="utf-8").splitlines():
+        if p.suffix == ".gz":  # the committed rows (benchmarks/data/*.jsonl.gz)
+            import gzip
+
+            text = gzip.decompress(p.read_bytes()).decode("utf-8")
+        else:
+            text = p.read_text(encoding="utf-8")
+        for line in text.splitlines():
             if line.strip():
                 r = json.loads(line)
                 parts.setdefault(r.get("part", "quality"), []).append(r)
                 if r.get("command") and r["command"] not in commands:
                     commands.append(r["command"])
+    if "embedded" in parts:  # a resumed run repeats the floor rows: keep the last of each cell
+        last = {(r["model"], r["method"], r["nfe"], r.get("block", 0)): r for r in parts["embedded"]}
+        parts["embedded"] = list(last.values())
     if "quality" in parts:  # rows of split runs may overlap: keep the first of each cell
         seen: set[tuple[Any, ...]] = set()
         uniq = []
@@ -191,6 +217,16 @@ def run_lml(args: argparse.Namespace) -> int:
     if "embedded" in parts and (args.embedded_samples < 2 or args.reference_steps < 1
                                 or any(n < 1 for n in args.embedded_nfe)):
         raise CLIError("--embedded-samples must be >= 2, --reference-steps and --embedded-nfe positive")
+    if args.embedded_blocks < 1 or (args.reference_blocks is not None and args.reference_blocks < 0):
+        raise CLIError("--embedded-blocks must be >= 1 and --reference-blocks >= 0")
+    if args.resume and not args.out:
+        raise CLIError("--resume needs --out (the rows file to resume)")
+    emb_bases, emb_triples = BL.EMBEDDED_BASES, BL.EMBEDDED_SET
+    if args.embedded_methods:
+        try:
+            emb_bases, emb_triples = BL.parse_method_names(args.embedded_methods)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
     bases = tuple(args.bases) if args.bases else BL.BASES
     try:
         BL.lml_methods(args.variants, bases=bases)
@@ -247,8 +283,12 @@ def run_lml(args: argparse.Namespace) -> int:
                     print(f"  {row['model']:>10s} {row['method']:>28s} nfe={row['nfe']:<3d} fid={row['fid']:.3f} "
                           f"psnr={row['psnr']:.2f}", flush=True)
 
+            done = _complete_cells(args.out, command, args.embedded_blocks) if args.resume else set()
             rows = BL.embedded_rows(args.models, args.embedded_nfe, args.embedded_samples,
-                                    reference_steps=args.reference_steps, spacing=args.spacing, on_row=on_emb)
+                                    reference_steps=args.reference_steps, spacing=args.spacing,
+                                    bases=emb_bases, triples=emb_triples, blocks=args.embedded_blocks,
+                                    reference_blocks=args.reference_blocks, on_row=on_emb,
+                                    skip=lambda m, k, n: (m, k, n) in done)
             sections.append(EMBEDDED_TITLE + BL.format_embedded(rows) + f"\n({time.perf_counter() - t0:.0f} s)\n")
         if "overhead" in parts:
             t0 = time.perf_counter()
@@ -270,6 +310,22 @@ def run_lml(args: argparse.Namespace) -> int:
         _write_section(args.write_benchmarks, header + text)
         print(f"wrote the lml section of {args.write_benchmarks}")
     return 0
+
+
+def _complete_cells(path: str, command: str, blocks: int) -> set[tuple[str, str, int]]:
+    """(model, method, NFE) cells of the embedded part with all ``blocks`` rows in ``path`` from ``command``."""
+    p = Path(path)
+    if not p.exists():
+        return set()
+    seen: dict[tuple[str, str, int], set[Any]] = {}
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if r.get("part") == "embedded" and r.get("command") == command and r["method"] != "real":
+            seen.setdefault((r["model"], r["method"], int(r["nfe"])), set()).add(r.get("block", 0))
+    need = {"pooled"} if blocks > 1 else {0}
+    return {k for k, v in seen.items() if need <= v}
 
 
 def _run_render(args: argparse.Namespace) -> int:

@@ -77,6 +77,7 @@ __all__ = [
     "FastIsotropicGMM",
     "published_lambda_for",
     "lml_methods",
+    "parse_method_names",
     "identity_rows",
     "hessian_error_rows",
     "quality_rows",
@@ -90,6 +91,7 @@ __all__ = [
     "EMBEDDED_SET",
     "embedded_rows",
     "format_embedded",
+    "embedded_goal_rows",
 ]
 
 #: the base solvers of the issue (names as in :func:`hessdiff.scripts.bench.gmm.default_methods`)
@@ -265,11 +267,11 @@ VARIANTS: dict[str, Variant] = {
                       "oracle_stats; a stats file on a trained network), Gaussian step at every step",
                       model_correction=lambda den, nfe, seed, d: HessianStepCorrection(
                           oracle_stats(den), adaptive=False, radial="keep")),
-    "stats8-ad": Variant("model statistics (zero NFE), gain-ratio damping",
+    "stats8-ad": Variant("model statistics (zero NFE), gain-ratio damping: the drop-ins' lml_variant='stats'",
                          model_correction=lambda den, nfe, seed, d: HessianStepCorrection(
                              oracle_stats(den), adaptive=True, radial="keep")),
     "stats8-ad-perp": Variant("model statistics (zero NFE), gain-ratio damping, radial part left to the base "
-                              "solver: the drop-ins' lml_variant='stats'",
+                              "solver",
                               model_correction=lambda den, nfe, seed, d: HessianStepCorrection(
                                   oracle_stats(den), adaptive=True, radial="exclude")),
     "stats8-hi-ad": Variant("model statistics only at high noise (rho = sigma / alpha >= 1; below it the base "
@@ -307,6 +309,28 @@ def _steps_for_budget(nfe: int, extra: Callable[[int], int]) -> int | None:
         if n + extra(n) <= nfe:
             best = n
     return best
+
+
+def parse_method_names(names: Sequence[str]) -> tuple[tuple[str, ...], tuple[tuple[str, str, bool], ...]]:
+    """Benchmark method names as in the tables (``"unipc-2"``, ``"dpm++2m+stats8-ad"``, ``"...+jvp"``) ->
+    ``(bases, triples)`` for :func:`lml_methods`; the bases are the names without a variant."""
+    bases, triples = [], []
+    for name in names:
+        base = next((b for b in sorted(ALL_BASES, key=len, reverse=True)  # bases may contain '+'
+                     if name == b or name.startswith(b + "+")), None)
+        if base is None:
+            raise ValueError(f"unknown base solver {name.partition('+')[0]!r} in {name!r}; "
+                             f"available: {', '.join(ALL_BASES)}")
+        rest = name[len(base) + 1:]
+        free = rest.endswith("+jvp")
+        variant = rest.removesuffix("+jvp")
+        if rest and variant not in VARIANTS:
+            raise ValueError(f"unknown LML variant {variant!r} in {name!r}; available: {', '.join(VARIANTS)}")
+        if rest:
+            triples.append((base, variant, free))
+        else:
+            bases.append(base)
+    return tuple(dict.fromkeys(bases)), tuple(dict.fromkeys(triples))
 
 
 def lml_methods(
@@ -680,8 +704,8 @@ def goal_rows(rows: Sequence[Mapping[str, Any]], *, metric: str = "sw1", max_nfe
     return out
 
 
-def format_goal(rows: Sequence[Mapping[str, Any]]) -> str:
-    out = ["| problem | NFE | best base | sw1 | best LML method | sw1 | improvement | >= 10 % and > 2 sd | "
+def format_goal(rows: Sequence[Mapping[str, Any]], metric: str = "sw1") -> str:
+    out = [f"| problem | NFE | best base | {metric} | best LML method | {metric} | improvement | >= 10 % and > 2 sd | "
            "paired difference | >= 10 % and > 2 sd (paired) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -768,6 +792,15 @@ EMBEDDED_SET: tuple[tuple[str, str, bool], ...] = (
 EMBEDDED_BASES: tuple[str, ...] = ("ddim", "dpm-3", "dpm++2m")
 
 
+def _embedded_family(name: str) -> str:
+    """The data family of an embedded model (or of a copy of one, from its folder name); mnist otherwise."""
+    from hessdiff.samplers.models import FAMILIES, _resolve_local
+
+    folder = _resolve_local(name)
+    stem = (folder.name if folder is not None else str(name)).split("-")[0]
+    return stem if stem in FAMILIES else "mnist"
+
+
 def embedded_rows(
     models: Sequence[str] = ("mnist", "mnist-ldm"),
     nfes: Sequence[int] = (5, 8, 10, 15, 20),
@@ -779,41 +812,90 @@ def embedded_rows(
     reference_steps: int = 100,
     batch_size: int = 50,
     first_seed: int = 0,
+    blocks: int = 1,
+    reference_blocks: int | None = None,
+    family: str | None = None,
+    skip: Callable[[str, str, int], bool] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Base solvers and LML methods on the embedded models (:func:`~hessdiff.samplers.models.load_model`).
 
-    Sample ``i`` starts from ``sigma_0 * randn`` drawn from ``torch.Generator().manual_seed(first_seed + i)``,
-    the same for every method and NFE. Per (model, method, NFE): ``fid`` = domain FID of the ``n_samples``
-    decoded images against the 500 held-out test digits (features of the embedded classifier,
-    :func:`~hessdiff.samplers.models.domain_features`; biased upwards at small ``n``, comparable across
-    methods at equal ``n``), and ``psnr`` / ``ssim`` (mean and sd over images) of each image against the
-    converged solution of the same probability-flow ODE from the same start (DPM-Solver++(2M) with
-    ``reference_steps`` steps): the solver error as an image distance. Methods and NFE accounting as in
-    :func:`lml_methods` (JVPs count as network evaluations); ``nfe_counted`` is what
-    :class:`~hessdiff.samplers.denoiser.CountingDenoiser` saw per image (network forwards + JVPs).
+    ``blocks`` seed blocks of ``n_samples`` each: sample ``i`` of block ``b`` starts from ``sigma_0 * randn``
+    drawn from ``torch.Generator().manual_seed(first_seed + b * n_samples + i)``, the same for every
+    method and NFE. Per (model, method, NFE, block): ``fid`` = domain FID of the block's decoded images
+    against the family's held-out test images (features of the family's embedded classifier,
+    :func:`~hessdiff.samplers.models.domain_features`; the family comes from the model's folder name
+    unless ``family`` is given; biased upwards at small ``n``, comparable across methods at equal
+    ``n``), and, for the first ``reference_blocks`` blocks (default all), ``psnr`` / ``ssim`` (mean and
+    sd over images) of each image against the converged solution of the same probability-flow ODE from
+    the same start (DPM-Solver++(2M) with ``reference_steps`` steps): the solver error as an image
+    distance. With ``blocks > 1`` each (model, method, NFE) also gets a row with ``block = "pooled"``:
+    the FID of all ``blocks * n_samples`` images, and each model a ``method = "real"`` row per block and
+    pooled: the same FID between as many training images (class-balanced, disjoint per block) and the
+    test images, the real-vs-real floor. Methods and NFE accounting as in :func:`lml_methods` (JVPs count
+    as network evaluations); ``nfe_counted`` is what :class:`~hessdiff.samplers.denoiser.CountingDenoiser`
+    saw per image (network forwards + JVPs). ``skip(model, method, nfe)`` True: that cell is not run
+    (to resume a run whose rows are saved).
     """
     from hessdiff.eval.metrics import psnr, ssim
     from hessdiff.eval.metrics.fid import FeatureStats, fid_from_stats
     from hessdiff.samplers.denoiser import UNetDenoiser
-    from hessdiff.samplers.models import LML_STATS_FILE, _resolve_local, domain_features, embedded_dataset, load_model
+    from hessdiff.samplers.models import (
+        LML_STATS_FILE,
+        _resolve_local,
+        domain_features,
+        embedded_dataset,
+        load_classifier,
+        load_model,
+    )
 
     if n_samples < 2:
         raise ValueError(f"n_samples must be at least 2, got {n_samples}")
-    ref_stats = FeatureStats().update(domain_features(embedded_dataset("test")))
+    if blocks < 1:
+        raise ValueError(f"blocks must be at least 1, got {blocks}")
+    n_ref_blocks = blocks if reference_blocks is None else max(0, min(blocks, reference_blocks))
     methods = lml_methods(spacing=spacing, bases=bases, triples=triples)
     rows: list[dict[str, Any]] = []
+
+    def emit(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
     for name in models:
+        fam = family or _embedded_family(name)
+        clf = load_classifier(f"hessdiff/{fam}-classifier")
+        x_test = embedded_dataset("test", family=fam)
+        ref_stats = FeatureStats().update(domain_features(x_test, clf))
+        common = {"model": name, "family": fam, "n_test": int(x_test.shape[0]), "n_samples": n_samples,
+                  "blocks": blocks, "first_seed": first_seed, "spacing": spacing}
+        if blocks > 1:  # the real-vs-real floor at the same sizes
+            xtr, ytr = embedded_dataset("train", with_labels=True, family=fam)
+            g = torch.Generator().manual_seed(first_seed)
+            per = [torch.nonzero(ytr == k).flatten() for k in range(10)]
+            per = [ix[torch.randperm(ix.numel(), generator=g)] for ix in per]
+            order = torch.stack([ix[: -(-n_samples * blocks // 10)] for ix in per], 1).flatten()  # class-interleaved
+            feats = []
+            for b in range(blocks):
+                f = domain_features(xtr[order[b * n_samples:(b + 1) * n_samples]], clf)
+                feats.append(f)
+                emit({**common, "method": "real", "nfe": 0, "block": b,
+                      "fid": fid_from_stats(FeatureStats().update(f), ref_stats)})
+            emit({**common, "method": "real", "nfe": 0, "block": "pooled",
+                  "fid": fid_from_stats(FeatureStats().update(torch.cat(feats)), ref_stats)})
         model = load_model(name)
         den = CountingDenoiser(UNetDenoiser.from_unet_and_scheduler(model.unet, model.scheduler))
         stats_file = _resolve_local(name)
         if stats_file is not None and (stats_file / LML_STATS_FILE).is_file():  # for the stats variants
             den.lml_stats = StatsSource.load(stats_file / LML_STATS_FILE)  # type: ignore[attr-defined]
         decode = model.decode if model.is_latent else (lambda z: z)
-        noise = torch.cat([torch.randn((1, *model.sample_shape), generator=torch.Generator().manual_seed(s))
-                           for s in range(first_seed, first_seed + n_samples)])
 
-        def run(fn: Callable[..., Tensor], grid: Any, den: CountingDenoiser = den, noise: Tensor = noise,
+        def noise_of(b: int, model: Any = model) -> Tensor:
+            s0 = first_seed + b * n_samples
+            return torch.cat([torch.randn((1, *model.sample_shape), generator=torch.Generator().manual_seed(s))
+                              for s in range(s0, s0 + n_samples)])
+
+        def run(fn: Callable[..., Tensor], grid: Any, noise: Tensor, den: CountingDenoiser = den,
                 decode: Callable[[Tensor], Tensor] = decode) -> tuple[Tensor, float, int]:
             outs = []
             den.nfe, den.extra = 0, {}
@@ -821,48 +903,99 @@ def embedded_rows(
             with torch.no_grad():
                 for xb in (float(grid.sigma[0]) * noise).split(batch_size):
                     outs.append(decode(fn(den, xb.clone(), grid)).float().clamp(-1, 1))
-            return torch.cat(outs), time.perf_counter() - t0, den.evaluations // -(-n_samples // batch_size)
+            return torch.cat(outs), time.perf_counter() - t0, den.evaluations // -(-noise.shape[0] // batch_size)
 
+        todo = [(nfe, m) for nfe in nfes for m in methods if skip is None or not skip(name, m, int(nfe))]
+        if not todo:
+            continue
         ref_grid = make_grid(den.schedule, reference_steps, spacing)
-        ref, _, _ = run(default_methods()["dpm++2m"], ref_grid)
-        for nfe in nfes:
+        refs = [run(default_methods()["dpm++2m"], ref_grid, noise_of(b))[0] for b in range(n_ref_blocks)]
+        for nfe, mname in todo:
             grid = make_grid(den.schedule, nfe, spacing)
-            for mname, fn in methods.items():
-                imgs, wall, counted = run(fn, grid)
-                fid = fid_from_stats(FeatureStats().update(domain_features(imgs)), ref_stats)
-                rgb, ref_rgb = imgs.expand(-1, 3, -1, -1), ref.expand(-1, 3, -1, -1)  # metrics take RGB
-                p, s = psnr(rgb, ref_rgb), ssim(rgb, ref_rgb)
-                row = {"model": name, "method": mname, "nfe": int(nfe), "nfe_counted": int(counted),
-                       "fid": fid, "psnr": float(p.mean()), "psnr_sd": float(p.std()), "ssim": float(s.mean()),
-                       "ssim_sd": float(s.std()), "n_samples": n_samples, "first_seed": first_seed,
-                       "reference_steps": reference_steps, "spacing": spacing, "wall_s": wall}
-                rows.append(row)
-                if on_row is not None:
-                    on_row(row)
+            feats = []
+            for b in range(blocks):
+                imgs, wall, counted = run(methods[mname], grid, noise_of(b))
+                f = domain_features(imgs, clf)
+                feats.append(f)
+                row = {**common, "method": mname, "nfe": int(nfe), "nfe_counted": int(counted), "block": b,
+                       "fid": fid_from_stats(FeatureStats().update(f), ref_stats), "wall_s": wall,
+                       "reference_steps": reference_steps}
+                if b < n_ref_blocks:
+                    rgb, ref_rgb = imgs.expand(-1, 3, -1, -1), refs[b].expand(-1, 3, -1, -1)  # metrics take RGB
+                    p, s = psnr(rgb, ref_rgb), ssim(rgb, ref_rgb)
+                    row.update(psnr=float(p.mean()), psnr_sd=float(p.std()), ssim=float(s.mean()),
+                               ssim_sd=float(s.std()))
+                emit(row)
+            if blocks > 1:
+                emit({**common, "method": mname, "nfe": int(nfe), "block": "pooled",
+                      "fid": fid_from_stats(FeatureStats().update(torch.cat(feats)), ref_stats)})
     return rows
 
 
+def embedded_goal_rows(rows: Sequence[Mapping[str, Any]], **kw: Any) -> list[dict[str, Any]]:
+    """:func:`goal_rows` on the per-block domain FIDs of :func:`embedded_rows` (problem = model, seed =
+    block): best base solver vs best LML method per NFE, with the paired per-block differences."""
+    flat_rows = [{"problem": r["model"], "method": r["method"], "nfe": r["nfe"], "metric": "fid",
+                  "value": r["fid"], "seed": r.get("block", 0)}
+                 for r in rows if r.get("block", 0) != "pooled" and r["method"] != "real"]
+    return goal_rows(flat_rows, metric="fid", **kw)
+
+
 def format_embedded(rows: Sequence[Mapping[str, Any]]) -> str:
-    """One table per (model, metric): methods down, NFE across."""
+    """One table per (model, metric): methods down, NFE across. With seed blocks: the pooled FID with the
+    mean ± sd of the block FIDs, the real-vs-real floor, and the goal table on the paired block FIDs."""
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model]
-        nfes = sorted({int(r["nfe"]) for r in rs})
-        n = rs[0]["n_samples"]
+        per_block = [r for r in rs if r.get("block", 0) != "pooled" and r["method"] != "real"]
+        nfes = sorted({int(r["nfe"]) for r in per_block})
+        n, nb = rs[0]["n_samples"], int(rs[0].get("blocks", 1))
+        fam = rs[0].get("family", "mnist")
+        test = f"the {rs[0].get('n_test', 500)} held-out {'test digits' if fam == 'mnist' else fam + ' images'}"
+        methods = list(dict.fromkeys(r["method"] for r in per_block))
+
+        def cell(m: str, k: int, metric: str, fmt: str, rs: list = rs, per_block: list = per_block,
+                 nb: int = nb) -> str:
+            c = [float(r[metric]) for r in per_block if r["method"] == m and int(r["nfe"]) == k and metric in r]
+            if not c:
+                return ""
+            pooled = [r for r in rs if r["method"] == m and int(r["nfe"]) == k and r.get("block") == "pooled"]
+            if metric == "fid" and nb > 1:
+                sd = statistics.stdev(c) if len(c) > 1 else 0.0
+                head = fmt.format(pooled[0]["fid"]) if pooled else "–"
+                return f"{head} ({fmt.format(statistics.fmean(c))} ± {fmt.format(sd)})"
+            return fmt.format(statistics.fmean(c))
+
+        if nb > 1:
+            fid_what = (f"domain FID of {nb * n} samples ({nb} seed blocks of {n}) against {test}; in brackets "
+                        f"the mean ± sd of the {nb} block FIDs (lower is better)")
+        else:
+            fid_what = f"domain FID of {n} samples against {test} (lower is better)"
+        ref_n = sum(1 for r in per_block if r["method"] == methods[0] and int(r["nfe"]) == nfes[0] and "psnr" in r)
         for metric, what, fmt in (
-            ("fid", f"domain FID of {n} samples against the 500 test digits (lower is better)", "{:.2f}"),
-            ("psnr", f"PSNR (dB) to the converged ODE solution from the same noise, mean over {n} samples",
-             "{:.2f}"),
+            ("fid", fid_what, "{:.2f}"),
+            ("psnr", f"PSNR (dB) to the converged ODE solution from the same noise, mean over "
+                     f"{ref_n * n} samples", "{:.2f}"),
             ("ssim", "SSIM to the converged ODE solution, mean", "{:.3f}"),
         ):
             out.append(f"**{model}** -- {what}\n")
             out.append("| method | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
             out.append("|---|" + "---|" * len(nfes))
-            for m in dict.fromkeys(r["method"] for r in rs):
-                cells = []
-                for k in nfes:
-                    c = [r for r in rs if r["method"] == m and int(r["nfe"]) == k]
-                    cells.append(fmt.format(c[0][metric]) if c else "")
-                out.append(f"| {m} | " + " | ".join(cells) + " |")
+            for m in methods:
+                out.append(f"| {m} | " + " | ".join(cell(m, k, metric, fmt) for k in nfes) + " |")
             out.append("")
+            if metric != "fid":
+                continue
+            real = [r for r in rs if r["method"] == "real"]
+            if real:
+                rb = [float(r["fid"]) for r in real if r["block"] != "pooled"]
+                rp = [float(r["fid"]) for r in real if r["block"] == "pooled"]
+                out.append(f"Real-vs-real floor (class-balanced training images vs the same test images, the "
+                           f"same sizes): {rp[0]:.2f} ({statistics.fmean(rb):.2f} ± "
+                           f"{statistics.stdev(rb) if len(rb) > 1 else 0.0:.2f} per block).\n")
+            goal = embedded_goal_rows(per_block) if nb > 1 else []
+            if goal:
+                out.append("Best LML method vs best base solver per NFE (block FIDs; paired = per-block "
+                           "differences, the same start noise):\n")
+                out.append(format_goal(goal, metric="FID"))
     return "\n".join(out)

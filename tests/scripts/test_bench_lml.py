@@ -99,6 +99,68 @@ def test_embedded_part_on_the_pixel_model():
     assert "| dpm++2m+jvp2-first-perp | " in BL.format_embedded(rows)
 
 
+def test_embedded_blocks_give_pooled_fid_a_floor_and_paired_goal_rows():
+    """Seed blocks: per-block rows, a pooled FID over all blocks, the real-vs-real floor at the same sizes,
+    and the family's test set and classifier for a Fashion-MNIST model."""
+    rows = BL.embedded_rows(models=("fashion",), nfes=(3,), n_samples=4, blocks=2, reference_blocks=1,
+                            batch_size=4, reference_steps=6, triples=(("dpm++2m", "sec1-ad", False),),
+                            bases=("dpm++2m",))
+    assert {r["family"] for r in rows} == {"fashion"} and {r["n_test"] for r in rows} == {1000}
+    real = [r for r in rows if r["method"] == "real"]
+    assert [r["block"] for r in real] == [0, 1, "pooled"] and all(r["fid"] > 0 for r in real)
+    cells = {(r["method"], r["block"]): r for r in rows if r["method"] != "real"}
+    assert set(cells) == {(m, b) for m in ("dpm++2m", "dpm++2m+sec1-ad") for b in (0, 1, "pooled")}
+    assert "psnr" in cells[("dpm++2m", 0)] and "psnr" not in cells[("dpm++2m", 1)]  # reference_blocks=1
+    # the blocks start from different noise; the pooled FID is of all 8 images, not a block mean
+    assert cells[("dpm++2m", 0)]["fid"] != cells[("dpm++2m", 1)]["fid"]
+    pooled = cells[("dpm++2m", "pooled")]["fid"]
+    assert pooled != pytest.approx((cells[("dpm++2m", 0)]["fid"] + cells[("dpm++2m", 1)]["fid"]) / 2)
+    goal = BL.embedded_goal_rows(rows)
+    assert len(goal) == 1 and goal[0]["base"] == "dpm++2m" and goal[0]["lml"] == "dpm++2m+sec1-ad"
+    d = [cells[("dpm++2m", b)]["fid"] - cells[("dpm++2m+sec1-ad", b)]["fid"] for b in (0, 1)]
+    assert goal[0]["paired_diff"] == pytest.approx(sum(d) / 2)
+    text = BL.format_embedded(rows)
+    assert "the 1000 held-out fashion images" in text and "Real-vs-real floor" in text
+    assert f"| dpm++2m | {pooled:.2f} (" in text and "| fashion | 3 | dpm++2m |" in text
+    # skip: the cells already done are not run again
+    again = BL.embedded_rows(models=("fashion",), nfes=(3,), n_samples=4, blocks=2, batch_size=4,
+                             reference_steps=6, triples=(("dpm++2m", "sec1-ad", False),), bases=("dpm++2m",),
+                             skip=lambda m, k, n: k == "dpm++2m")
+    assert {r["method"] for r in again} == {"real", "dpm++2m+sec1-ad"}
+    assert [r["fid"] for r in again if r["method"] == "dpm++2m+sec1-ad"] == [
+        cells[("dpm++2m+sec1-ad", b)]["fid"] for b in (0, 1, "pooled")]  # same noise, same images
+
+
+def test_method_names_parse_and_the_embedded_cli_resumes(tmp_path, monkeypatch):
+    assert BL.parse_method_names(["unipc-2", "dpm++2m+stats8-ad", "dpm++2m+jvp2-first+jvp"]) == (
+        ("unipc-2",), (("dpm++2m", "stats8-ad", False), ("dpm++2m", "jvp2-first", True)))
+    with pytest.raises(ValueError, match="unknown base solver 'heun'"):
+        BL.parse_method_names(["heun+sec1"])
+    with pytest.raises(ValueError, match="unknown LML variant 'nope'"):
+        BL.parse_method_names(["dpm++2m+nope"])
+    calls = []
+    real_rows = BL.embedded_rows
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return real_rows(*a, **kw)
+
+    monkeypatch.setattr(BL, "embedded_rows", spy)
+    out = tmp_path / "rows.jsonl"
+    argv = ["bench", "lml", "--parts", "embedded", "--models", "mnist", "--embedded-samples", "2",
+            "--embedded-nfe", "2", "--reference-steps", "3", "--embedded-methods", "ddim", "dpm++2m",
+            "--out", str(out), "--threads", "1"]
+    assert main(argv) == 0
+    first = [json.loads(x) for x in out.read_text().splitlines()]
+    assert {r["method"] for r in first} == {"ddim", "dpm++2m"}
+    assert calls[0]["bases"] == ("ddim", "dpm++2m") and calls[0]["triples"] == ()
+    assert main([*argv, "--resume"]) == 0  # nothing left to run: no new rows
+    assert [json.loads(x) for x in out.read_text().splitlines()] == first
+    assert not calls[1]["skip"]("mnist", "ddim", 3) and calls[1]["skip"]("mnist", "ddim", 2)
+    assert main(["bench", "lml", "--parts", "embedded", "--resume"]) == 2
+    assert main(["bench", "lml", "--parts", "embedded", "--embedded-methods", "heun"]) == 2
+
+
 def test_new_bases_and_model_variants_parse_and_run():
     new = ("unipc-2", "unipc-3", "ipndm-4", "deis-3")
     assert set(new) <= set(BL.ALL_BASES) and set(BL.BASES) <= set(BL.ALL_BASES)
