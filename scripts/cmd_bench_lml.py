@@ -85,6 +85,11 @@ def register_lml(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", action="store_true",
                    help="embedded part: skip the (model, method, NFE) cells already complete in --out rows "
                         "written by the same command")
+    g.add_argument("--overhead-model", metavar="MODEL",
+                   help="overhead part: time this model (an embedded name or a model folder, with its "
+                        "lml_stats.safetensors) instead of a random-init 3x32x32 UNet")
+    g.add_argument("--overhead-methods", nargs="+", metavar="METHOD",
+                   help="overhead part: these methods (names as in the tables) instead of the default set")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--out", help="append raw rows (JSON lines, with a 'part' key) to this file")
     g.add_argument("--write-benchmarks", metavar="FILE", help="replace (or add) the <!-- bench:lml --> section")
@@ -134,6 +139,10 @@ def _command(args: argparse.Namespace, s: dict[str, Any], parts: list[str]) -> s
         p += ["--variants", *args.variants]
     if args.bases:
         p += ["--bases", *args.bases]
+    if "overhead" in parts and args.overhead_model:
+        p += ["--overhead-model", args.overhead_model]
+    if "overhead" in parts and args.overhead_methods:
+        p += ["--overhead-methods", *args.overhead_methods]
     if args.threads is not None:
         p += ["--threads", str(args.threads)]
     return " ".join(shlex.quote(x) for x in p)
@@ -194,8 +203,9 @@ def _render(paths: list[str]) -> tuple[str, list[str]]:
     if "embedded" in parts:
         out.append(EMBEDDED_TITLE + BL.format_embedded(parts["embedded"]))
     if "overhead" in parts:
-        out.append("### Wall-clock overhead per step (small UNet2DModel, 32x32, batch 8, 10 steps, CPU)\n\n"
-                   + BL.format_overhead(parts["overhead"]))
+        for model in dict.fromkeys(r.get("model", "small-unet") for r in parts["overhead"]):
+            rs = [r for r in parts["overhead"] if r.get("model", "small-unet") == model]
+            out.append(_overhead_title(rs) + BL.format_overhead(rs))
     if not out:
         raise CLIError(f"no benchmark rows in {', '.join(paths)}")
     return "\n".join(out), commands
@@ -219,6 +229,11 @@ def run_lml(args: argparse.Namespace) -> int:
         raise CLIError("--embedded-samples must be >= 2, --reference-steps and --embedded-nfe positive")
     if args.embedded_blocks < 1 or (args.reference_blocks is not None and args.reference_blocks < 0):
         raise CLIError("--embedded-blocks must be >= 1 and --reference-blocks >= 0")
+    if args.overhead_methods:
+        try:
+            BL.parse_method_names(args.overhead_methods)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
     if args.resume and not args.out:
         raise CLIError("--resume needs --out (the rows file to resume)")
     emb_bases, emb_triples = BL.EMBEDDED_BASES, BL.EMBEDDED_SET
@@ -292,10 +307,10 @@ def run_lml(args: argparse.Namespace) -> int:
             sections.append(EMBEDDED_TITLE + BL.format_embedded(rows) + f"\n({time.perf_counter() - t0:.0f} s)\n")
         if "overhead" in parts:
             t0 = time.perf_counter()
-            rows = BL.overhead_rows(repeats=s["repeats"])
+            rows = BL.overhead_rows(repeats=s["repeats"], model=args.overhead_model, methods=args.overhead_methods)
             save("overhead", rows)
-            sections.append("### Wall-clock overhead per step (small UNet2DModel, 32x32, batch 8, 10 steps, CPU)\n\n"
-                            + BL.format_overhead(rows) + f"\n({time.perf_counter() - t0:.0f} s)\n")
+            sections.append(_overhead_title(rows) + BL.format_overhead(rows)
+                            + f"\n({time.perf_counter() - t0:.0f} s)\n")
     finally:
         if out_file is not None:
             out_file.close()
@@ -310,6 +325,13 @@ def run_lml(args: argparse.Namespace) -> int:
         _write_section(args.write_benchmarks, header + text)
         print(f"wrote the lml section of {args.write_benchmarks}")
     return 0
+
+
+def _overhead_title(rows: list[dict[str, Any]]) -> str:
+    r = rows[0]
+    what = ("small UNet2DModel, 32x32" if r.get("model", "small-unet") == "small-unet"
+            else f"{r['model']}, {r['size']}x{r['size']}")
+    return f"### Wall-clock overhead per step ({what}, batch {r['batch']}, {r['steps']} steps, CPU)\n\n"
 
 
 def _complete_cells(path: str, command: str, blocks: int) -> set[tuple[str, str, int]]:

@@ -731,25 +731,45 @@ def small_unet(size: int = 32, seed: int = 0) -> Any:
 
 def overhead_rows(steps: int = 10, batch: int = 8, size: int = 32, repeats: int = 7,
                   variants: Sequence[str] = ("lml32", "lml64", "sec1-ad", "jvp2-first"),
-                  bases: Sequence[str] = ("ddim", "dpm-3", "dpm++2m")) -> list[dict[str, Any]]:
+                  bases: Sequence[str] = ("ddim", "dpm-3", "dpm++2m"), *, model: str | None = None,
+                  methods: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Seconds per step of each base solver and corrected variant on a small ``UNet2DModel``.
 
     All runs share one process, model and start batch; repeats are interleaved (every method once
     per round) and the median per method is reported with ``ratio`` = median / median of its base.
     ``nfe`` counts network evaluations (JVPs of the ``jvp`` variants included, via
-    :class:`~hessdiff.samplers.denoiser.CountingDenoiser`).
+    :class:`~hessdiff.samplers.denoiser.CountingDenoiser`). ``model``: an embedded model (or a model
+    folder; its ``lml_stats.safetensors`` serves the ``stats`` variants) instead of the random-init UNet,
+    at its own image size; ``methods``: names as in the tables (:func:`parse_method_names`) instead of
+    ``variants`` x ``bases``.
     """
     from hessdiff.samplers.denoiser import UNetDenoiser
 
-    unet = small_unet(size)
-    den = CountingDenoiser(UNetDenoiser(unet, default_gmm_schedule()))
+    if model is None:
+        unet = small_unet(size)
+        den = CountingDenoiser(UNetDenoiser(unet, default_gmm_schedule()))
+        shape: tuple[int, ...] = (3, size, size)
+    else:
+        from hessdiff.samplers.models import LML_STATS_FILE, _resolve_local, load_model
+
+        m = load_model(model)
+        den = CountingDenoiser(UNetDenoiser.from_unet_and_scheduler(m.unet, m.scheduler))
+        folder = _resolve_local(model)
+        if folder is not None and (folder / LML_STATS_FILE).is_file():
+            den.lml_stats = StatsSource.load(folder / LML_STATS_FILE)  # type: ignore[attr-defined]
+        shape = tuple(m.sample_shape)
     grid = den.schedule.grid(steps, "trailing", style="dpmsolver")
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    base_fns = default_methods()
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+    if methods is not None:
+        bases, triples = parse_method_names(methods)
+        pairs = [(b, None) for b in bases] + [(b, v) for b, v, _ in triples]
+    else:
+        pairs = [p for b in bases for p in [(b, None), *((b, v) for v in variants)]]
+    base_fns = base_methods()
     runs: dict[str, tuple[str, Callable[[], Tensor]]] = {}
-    for b in bases:
-        runs[b] = (b, partial(base_fns[b], den, x, grid))
-        for v in variants:
+    for b, v in pairs:
+        runs.setdefault(b, (b, partial(base_fns[b], den, x, grid)))
+        if v is not None:
             runs[f"{b}+{v}"] = (b, partial(_run_variant, base_fns[b], VARIANTS[v], "trailing", False, den, x, grid))
     times: dict[str, list[float]] = {k: [] for k in runs}
     nfe: dict[str, int] = {}
@@ -767,8 +787,8 @@ def overhead_rows(steps: int = 10, batch: int = 8, size: int = 32, repeats: int 
     for k, (b, _) in runs.items():
         med = statistics.median(times[k])
         rows.append({"method": k, "base": b, "s_per_step": med, "ratio": med / statistics.median(times[b]),
-                     "nfe": nfe[k], "steps": steps, "batch": batch, "size": size, "repeats": repeats,
-                     "threads": torch.get_num_threads()})
+                     "nfe": nfe[k], "steps": steps, "batch": batch, "size": shape[-1], "repeats": repeats,
+                     "threads": torch.get_num_threads(), "model": model or "small-unet"})
     return rows
 
 

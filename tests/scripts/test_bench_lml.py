@@ -207,3 +207,21 @@ def test_cli_accepts_the_new_bases():
                  "sec1-ad", "--nfe", "5", "--seeds", "1", "--n-samples", "40", "--dims", "8", "--gaussian-dim", "0",
                  "--projections", "20", "--threads", "1"]) == 0
     assert main(["bench", "lml", "--quick", "--parts", "quality", "--bases", "heun"]) == 2
+
+
+def test_overhead_on_an_embedded_model_with_its_statistics(tmp_path, capsys):
+    """The overhead part times the embedded model (its lml_stats file serves the stats variant): rows per
+    method, ratio 1 for a base, the same network evaluations with and without the zero-NFE correction."""
+    rows = BL.overhead_rows(steps=2, batch=2, repeats=1, model="mnist", methods=["ddim", "ddim+stats8-ad"])
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"ddim", "ddim+stats8-ad"} and by["ddim"]["ratio"] == 1.0
+    assert by["ddim"]["nfe"] == by["ddim+stats8-ad"]["nfe"] == 2 and by["ddim+stats8-ad"]["s_per_step"] > 0
+    assert by["ddim"]["model"] == "mnist" and by["ddim"]["size"] == 32
+    out = tmp_path / "rows.jsonl"
+    out.write_text("".join(json.dumps({**r, "part": "overhead", "command": "c"}) + "\n" for r in rows))
+    assert main(["bench", "lml", "--render", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "### Wall-clock overhead per step (mnist, 32x32, batch 2, 2 steps, CPU)" in text
+    assert "| ddim+stats8-ad | 2 |" in text
+    assert main(["bench", "lml", "--parts", "overhead", "--overhead-methods", "ddim+nope"]) == 2
+    assert "unknown LML variant 'nope'" in capsys.readouterr().err
