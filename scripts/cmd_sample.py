@@ -6,7 +6,10 @@ Samplers: ``ddim`` (``--eta``), ``dpm`` (DPM-Solver-3, noise prediction), ``dpm+
 LML correction from ``hessdiff.samplers.lml.make_correction``: ``lml-published`` (the published
 Levenberg-Marquardt-Langevin map; ``lamb`` default 1e-3), ``lml-hessian-step`` (damped low-rank Hessian
 preconditioning of each step), ``lml-matched-noise`` (the control: a random perturbation of the published
-map's size). ``--lml-option KEY=VALUE`` sets the correction's arguments (e.g. ``lamb=5e-3``, ``rank=2``).
+map's size), ``lml-stats`` (the zero-NFE Gaussian step with the model's per-noise-level statistics,
+``lml_stats.safetensors`` in the model folder, written by ``python -m hessdiff.scripts.lml_stats MODEL``; the
+drop-ins' ``lml_variant="stats"``). ``--lml-option KEY=VALUE`` sets the correction's arguments (e.g.
+``lamb=5e-3``, ``rank=2``; ``stats=PATH`` for ``lml-stats``).
 
 Image ``i`` depends only on seed ``i`` (its starting noise and any sampler noise come from its own
 generator), whatever ``--seeds`` and ``--batch-size`` are. Writes ``OUT/seed0000.png`` ... (one per
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +38,7 @@ EPILOG = """examples:
   hessdiff sample --sampler unipc --steps 8 --seeds 0-15        # UniPC-2 (bh2), or ipndm (iPNDM-4), deis (DEIS-tAB3)
   hessdiff sample --sampler lml-published --solver dpm --steps 10 --lml-option lamb=8e-4 --seeds 0,3,5-9
   hessdiff sample --sampler lml-hessian-step --steps 10 --seeds 0-15 --out runs/lml
+  hessdiff sample --model fashion --sampler lml-stats --solver unipc --steps 5 --seeds 0-15   # zero extra NFE
   hessdiff sample --model google/ddpm-cifar10-32 --sampler dpm --steps 10 --seeds 0-63 --device cuda
   hessdiff sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a photo of a cat" \\
       --steps 25 --seeds 0-3 --dtype float16 --device cuda
@@ -45,7 +50,7 @@ DEFAULT_STEPS = 25
 SAMPLERS = ("ddim", "dpm", "dpm++", "euler", "unipc", "ipndm", "deis")
 #: ``lml-<name>`` -> the ``make_correction`` name
 LML_VARIANTS = {"lml-published": "published", "lml-hessian-step": "hessian-step",
-                "lml-matched-noise": "matched-noise"}
+                "lml-matched-noise": "matched-noise", "lml-stats": "stats"}
 
 
 #: correction arguments the command starts from (``--lml-option`` overrides them): the Hessian step leaves the
@@ -116,6 +121,36 @@ def _resolve_sampler(sampler: str | None, solver: str | None, flow: bool) -> tup
     return base, correction
 
 
+def _stats_correction(model: Any, opts: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``lml-stats``: the zero-NFE Gaussian step with the model's per-level statistics, as the drop-ins'
+    ``lml_variant="stats"`` (gain-ratio damping, float64, radial part kept). The file: ``--lml-option
+    stats=PATH``, else ``lml_stats.safetensors`` in the model's folder."""
+    from hessdiff.samplers.lml import HessianStepCorrection
+    from hessdiff.samplers.lml.curvature import StatsSource
+    from hessdiff.samplers.models import LML_STATS_FILE, ModelLoadError, _resolve_local
+
+    opts = dict(opts)
+    given = opts.pop("stats", None)
+    if given is not None:
+        path = Path(str(given)).expanduser()
+    else:
+        try:
+            folder = _resolve_local(model.source) if model.source else None
+        except ModelLoadError:
+            folder = None
+        path = folder / LML_STATS_FILE if folder is not None else Path(LML_STATS_FILE)
+    if not path.is_file():
+        src = model.source or "MODEL"
+        raise CLIError(f"no LML statistics at {path}: compute them with `python -m hessdiff.scripts.lml_stats "
+                       f"{src}` (minutes to an hour on a CPU) or give a file with --lml-option stats=PATH")
+    try:
+        source = StatsSource.load(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CLIError(f"{path}: not a readable LML statistics file ({exc})") from None
+    kw = {"adaptive": True, "precision": "float64", "radial": "keep", **opts}
+    return HessianStepCorrection(source, **kw), {"stats": str(path), **kw}
+
+
 def sample_images(
     model: Any,
     seeds: list[int],
@@ -164,7 +199,10 @@ def sample_images(
 
         try:
             opts = {**LML_DEFAULTS.get(corr_name, {}), **dict(lml_options or {})}
-            correction = make_correction(corr_name, **opts)
+            if corr_name == "stats":
+                correction, opts = _stats_correction(model, opts)
+            else:
+                correction = make_correction(corr_name, **opts)
         except TypeError as exc:
             raise CLIError(f"bad --lml-option for {corr_name}: {exc}") from exc
     fn = get_solver(base)

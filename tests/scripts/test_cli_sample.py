@@ -114,6 +114,25 @@ def test_lml_samplers(sampler, extra, tmp_path, pixel_model_dir, capsys):
         assert "radial='keep'" in capsys.readouterr().out
 
 
+def test_lml_stats_sampler_uses_the_model_statistics(tmp_path, pixel_model_dir, capsys):
+    """``lml-stats``: the model folder's lml_stats.safetensors (the embedded MNIST DDPM ships one), zero extra
+    evaluations, a different image than its base; a model without a file exits 2 naming the command."""
+    model = _common.load_model_for_cli("mnist", torch.device("cpu"), torch.float32)
+    base, _ = cmd_sample.sample_images(model, [0, 1], sampler="unipc", steps=4)
+    lml, rep = cmd_sample.sample_images(model, [0, 1], sampler="lml-stats", solver="unipc", steps=4)
+    assert rep["correction"] == "stats" and rep["nfe"] == 4 and not rep["extra"]
+    assert "lml_stats.safetensors" in rep["correction_repr"] or "StatsSource" in rep["correction_repr"]
+    assert torch.isfinite(lml).all() and (lml - base).abs().max() > 1e-3
+    assert _main("--model", str(pixel_model_dir), "--sampler", "lml-stats", "--seeds", "0", "--out",
+                 str(tmp_path / "none"), *FAST) == 2
+    err = capsys.readouterr().err
+    assert "no LML statistics at" in err and "python -m hessdiff.scripts.lml_stats" in err
+    assert not (tmp_path / "none").exists()
+    assert _main("--model", "mnist", "--sampler", "lml-stats", "--lml-option", f"stats={tmp_path / 'x.st'}",
+                 "--seeds", "0", "--out", str(tmp_path / "none2"), *FAST) == 2
+    assert f"no LML statistics at {tmp_path / 'x.st'}" in capsys.readouterr().err
+
+
 def test_published_lml_float64_is_the_base_solver(pixel_model_dir):
     """The published correction is the identity in exact arithmetic (kappa = 0): in float64 precision the
     LML sampler reproduces the base solver's images to float32 rounding."""
