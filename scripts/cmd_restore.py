@@ -102,8 +102,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option (repeatable), forwarded to the sampler, e.g. zeta=1.0, lam=0.5, inner_steps=5")
     p.add_argument("--model", default="mnist",
-                   help="embedded name (mnist [default], mnist-ldm), a local diffusers folder, or a Hugging Face "
-                        "hub id such as google/ddpm-celebahq-256")
+                   help="embedded name (mnist [default], mnist-ldm, fashion, fashion-ldm), a local diffusers "
+                        "folder, or a Hugging Face hub id such as google/ddpm-celebahq-256")
     p.add_argument("--prompt", default="", help="text prompt for text-conditional models (default: empty)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"sampling steps (default: the method's defaults row: {DEFAULT_STEPS} on the embedded "

@@ -83,8 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0-15", help="seeds, one image each: 0-15 (default), 7, 0,3,5-9")
     p.add_argument("--batch-size", type=int, default=16, help="images per network call (default 16)")
     p.add_argument("--model", default="mnist",
-                   help="embedded name (mnist [default], mnist-ldm), a local diffusers folder, or a Hugging Face "
-                        "hub id such as google/ddpm-cifar10-32")
+                   help="embedded name (mnist [default], mnist-ldm, fashion, fashion-ldm), a local diffusers "
+                        "folder, or a Hugging Face hub id such as google/ddpm-cifar10-32")
     p.add_argument("--prompt", default="", help="prompt for text-conditional models (Stable Diffusion)")
     p.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
     p.add_argument("--guidance-scale", type=float,
