@@ -1054,31 +1054,61 @@ def _jac_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _fashion_quality(mt: dict[str, Any]) -> str:
+#: per family: (title words, data paragraph, held-out noun) of the recipe-v2 model cards
+FAMILY_TEXT: dict[str, tuple[str, str, str]] = {
+    "mnist": ("MNIST digits", DATA_TEXT, "held-out digits"),
+    "fashion": ("Fashion-MNIST", FASHION_DATA_TEXT, "held-out images"),
+}
+
+
+def _quality_v2(mt: dict[str, Any], fam: str) -> str:
     if not mt:
         return "(not evaluated yet: run the `eval` stage)"
     ref = mt["reference"]["train_vs_test"]
+    held = FAMILY_TEXT[fam][2]
     return (
-        f"{mt['sampler']}, seed {0}: domain FID (penultimate features of `hessdiff/fashion-classifier`) of "
-        f"{mt['n_samples']} samples against the first {mt['n_test']} held-out images "
+        f"{mt['sampler']}, seed {0}: domain FID (penultimate features of `hessdiff/{fam}-classifier`) of "
+        f"{mt['n_samples']} samples against the first {mt['n_test']} {held} "
         f"**{mt['domain_fid_vs_test']:.2f}**; "
         f"real-vs-real floor at the same sizes ({ref['n']} training images, {ref['n'] // 10} per class, vs the "
-        f"same held-out images) **{ref['domain_fid_vs_test']:.2f}**. Classifier on the samples: mean max-softmax "
-        f"{mt['mean_max_softmax']:.3f} (real: {ref['mean_max_softmax']:.3f}), share with confidence > 0.9 "
-        f"{mt['share_confident_0.9']:.2f} (real: {ref['share_confident_0.9']:.2f}); predicted class histogram "
-        f"{mt['predicted_class_counts']} (real: {ref['predicted_class_counts']}). Sampling took "
+        f"same {held}) **{ref['domain_fid_vs_test']:.2f}** "
+        f"(ratio {mt['domain_fid_vs_test'] / ref['domain_fid_vs_test']:.1f}). Classifier on the samples: mean "
+        f"max-softmax {mt['mean_max_softmax']:.3f} (real: {ref['mean_max_softmax']:.3f}), share with confidence "
+        f"> 0.9 {mt['share_confident_0.9']:.2f} (real: {ref['share_confident_0.9']:.2f}); predicted class "
+        f"histogram {mt['predicted_class_counts']} (real: {ref['predicted_class_counts']}). Sampling took "
         f"{_fmt_s(mt['sampling_cpu_time_s'])} CPU."
     )
 
 
-def stage_cards_fashion(out: Path, args: argparse.Namespace) -> None:
-    """Model cards of the Fashion-MNIST models (finished runs from train_log.json, unfinished ones from
-    provisional.json), with the figures of metrics.json."""
+def _status_v2(lg: dict[str, Any], prov: dict[str, Any], steps: int) -> str:
+    if prov:
+        return (f"**Status: training unfinished.** The run stopped at step **{prov['step']} of {steps}** "
+                f"({_fmt_s(prov['cpu_time_s'])} CPU, {_fmt_s(prov['wall_time_s'])} wall on a 2-core machine "
+                "shared with other jobs). The full training state is committed in `checkpoint/checkpoint.pt` "
+                "(model, EMA, AdamW state, lr schedule, generator state, data order, step, losses); the "
+                "`unet/` weights shipped now are the EMA at that step (provisional, `provisional.json`). "
+                f"Finish the run (bit-identical to an uninterrupted one) with\n\n```\n{prov['finish_with']}\n```\n"
+                "which overwrites `unet/`, writes `train_log.json` and removes the checkpoint.")
+    return f"**Status: finished** ({steps} steps). {_time_text(lg)}."
+
+
+def _cpu_per_step(info: dict[str, Any]) -> str:
+    v = info.get("cpu_s_per_step")
+    return f"{v:.2f} s CPU per step" if v else "about 2.4-2.6 s CPU per step"
+
+
+def stage_cards_v2(out: Path, args: argparse.Namespace) -> None:
+    """Model cards of the recipe-v2 models of a family (finished runs from train_log.json, unfinished ones
+    from provisional.json), with the figures of metrics.json: the Fashion-MNIST classifier, the pixel
+    model and the latent model (VAE + latent UNet) where they exist."""
     fam = args.family
+    title, data_text, held = FAMILY_TEXT[fam]
     cmd = "python -m hessdiff.scripts.train_embedded {stages} --family " + fam + " --threads 1 --seed 0"
+    if fam == "mnist":
+        cmd += " --recipe v2"
     d = out / "models" / f"{fam}-classifier"
     lg, mt = _read(d / "train_log.json"), _read(d / "metrics.json")
-    if lg:
+    if lg and fam == "fashion":  # the MNIST classifier keeps its own (recipe v1) card
         (d / "README.md").write_text(f"""# hessdiff/{fam}-classifier — Fashion-MNIST classifier, domain-FID features
 
 `load_classifier("hessdiff/{fam}-classifier")` returns a `DigitClassifier` (the MNIST classifier's architecture:
@@ -1107,14 +1137,6 @@ same model and sample sizes, not a strong Fashion-MNIST classifier.
         settings = prov.get("settings", {}) if prov else {}
         ucfg = lg.get("unet_config") if lg else settings.get("unet_config")
         steps = info["steps"]
-        status = (f"**Status: training unfinished.** The run stopped at step **{prov['step']} of {steps}** "
-                  f"({_fmt_s(prov['cpu_time_s'])} CPU, {_fmt_s(prov['wall_time_s'])} wall on a 2-core machine "
-                  "shared with other jobs). The full training state is committed in `checkpoint/checkpoint.pt` "
-                  "(model, EMA, AdamW state, lr schedule, generator state, data order, step, losses); the "
-                  "`unet/` weights shipped now are the EMA at that step (provisional, `provisional.json`). "
-                  f"Finish the run (bit-identical to an uninterrupted one) with\n\n```\n{prov['finish_with']}\n```\n"
-                  "which overwrites `unet/`, writes `train_log.json` and removes the checkpoint.") if prov else (
-                  f"**Status: finished** ({steps} steps). {_time_text(lg)}.")
         jac = mt.get("jacobian_check")
         n_eval = mt.get("n_samples", 1000)
         jac_text = ""
@@ -1127,29 +1149,29 @@ This model (v-prediction, cosine schedule{', provisional weights' if prov else '
 
 {_jac_table(jac)}
 
-The shipped MNIST pixel model (`hessdiff/mnist-ddpm`, eps prediction, linear betas) against its own data-Gaussian:
+The recipe-v1 MNIST pixel model (eps prediction, linear betas; the shipped `hessdiff/mnist-ddpm` when this was
+measured) against its own data-Gaussian:
 
 {_jac_table(mt.get('jacobian_check_mnist_ddpm_v1', []))}
 """
-        (d / "README.md").write_text(f"""# hessdiff/{fam}-ddpm — small pixel-space diffusion model on Fashion-MNIST
+        (d / "README.md").write_text(f"""# hessdiff/{fam}-ddpm — small pixel-space diffusion model on {title}
 
 `load_model("{fam}")` or `load_model("hessdiff/{fam}-ddpm")` (offline); a diffusers `DDPMPipeline` folder.
 `hessdiff restore IMAGE --model {fam} ...` uses it.
 
-{status}
+{_status_v2(lg, prov, steps)}
 
-{FASHION_DATA_TEXT}
+{data_text}
 
-**Model (recipe v2).** `UNet2DModel` {json.dumps(ucfg)}; 1,805,121 parameters. **v-prediction**
+**Model (recipe v2).** `UNet2DModel` {json.dumps(ucfg)}; {info.get('params', 1805121):,} parameters. **v-prediction**
 (`prediction_type="v_prediction"`, `v = alpha eps - sigma x0`; `x0_hat = alpha x - sigma v` has no `1/alpha`
 amplification of the network error at high noise, unlike eps prediction), `DDPMScheduler` with the cosine
 schedule (`beta_schedule="squaredcos_cap_v2"`, T = 1000), `clip_sample=True`. Shipped weights: the EMA
 (decay {RECIPE_DEFAULTS['v2']['ema_decay']}, horizon about 500 steps, warm-up `min(d, (1+k)/(10+k))`).
 
-**Training.** {steps} steps of batch 32 (uniform t, MSE on v), AdamW lr 1e-3, 100-step warm-up, cosine decay to
-0.1x, grad-norm clip 1.0; seed 0, one thread. Measured about 2.4-2.6 s CPU per step on this (shared) machine,
-so the full run is about {steps * 2.5 / 60:.0f} min of one core. Loss (mean of the last 100 steps)
-{info['final_loss_last100']:.4f}.
+**Training.** {steps} steps of batch {info.get('batch_size', 32)} (uniform t, MSE on v), AdamW lr 1e-3, 100-step
+warm-up, cosine decay to 0.1x, grad-norm clip 1.0; seed 0, one thread; {_cpu_per_step(info)} on this (shared)
+machine. Loss (mean of the last 100 steps) {info['final_loss_last100']:.4f}.
 
 ![loss curve](loss_curve.png)
 
@@ -1157,20 +1179,67 @@ so the full run is about {steps * 2.5 / 60:.0f} min of one core. Loss (mean of t
 
 ![samples](sample_grid.png)
 
-**Quality{' (provisional weights, step ' + str(prov['step']) + ')' if prov else ''}.** {_fashion_quality(mt)}
+**Quality{' (provisional weights, step ' + str(prov['step']) + ')' if prov else ''}.** {_quality_v2(mt, fam)}
 Measured with `{cmd.format(stages=('export ' if prov else '') + 'eval cards')} --eval-samples {n_eval}`.
 {jac_text}
-**Reproduce:** `{cmd.format(stages='data ddpm classifier eval cards')}` (add `--resume` to continue a checkpoint;
-`kill PID` stops a run at a checkpoint). Evaluation only: `{cmd.format(stages='eval cards')}`
-(`--eval-samples N`).
+**Reproduce:** `{cmd.format(stages='data ddpm classifier eval cards' if fam == 'fashion' else 'ddpm eval cards')}`
+(add `--resume` to continue a checkpoint; `kill PID` stops a run at a checkpoint). Evaluation only:
+`{cmd.format(stages='eval cards')}` (`--eval-samples N`).
+""")
+    d = out / "models" / f"{fam}-ldm"
+    lg, prov, mt = _read(d / "train_log.json"), _read(d / "provisional.json"), _read(d / "metrics.json")
+    vlg = _read(d / "vae_train_log.json")
+    info = lg or prov
+    if info and vlg:
+        steps = info["steps"]
+        ucfg = info.get("unet_config") or prov.get("settings", {}).get("unet_config")
+        rec = mt.get("vae_reconstruction", {})
+        rec_text = (f"On the first {mt.get('n_test', '?')} {held}: reconstruction MSE {rec['mse_test']:.4f} "
+                    f"(PSNR {rec['psnr_db']:.1f} dB), domain FID of the reconstructions "
+                    f"{rec['domain_fid_vs_test']:.2f} — the floor of any latent sample "
+                    "(`vae_reconstructions.png`: originals, then reconstructions).") if rec else "(not evaluated yet)"
+        (d / "README.md").write_text(f"""# hessdiff/{fam}-ldm — latent diffusion model on {title}
+
+`load_model("{fam}-ldm")` or `load_model("hessdiff/{fam}-ldm")` (offline): a VAE (`vae/`, diffusers
+`AutoencoderKL`) and a latent UNet (`unet/`, `scheduler/`) on its scaled latents.
+
+{_status_v2(lg, prov, steps)}
+
+{data_text}
+
+**VAE.** `AutoencoderKL` {json.dumps(vlg['vae_config'])}; {vlg['params']:,} parameters; latents
+`[{vlg['vae_config']['latent_channels']}, 8, 8]`. {vlg['steps']} steps of batch {vlg['batch_size']}, AdamW lr
+{vlg['lr']}, loss {vlg['loss']} (kl_weight {vlg['kl_weight']}); final L1 {vlg['final_l1_last100']:.4f}, KL
+{vlg['final_kl_last100']:.2f}; {_time_text(vlg)}. `scaling_factor` = 1 / latent std = {vlg['scaling_factor']:.4f}.
+{rec_text}
+
+![VAE losses](vae_loss_curve.png)
+
+**Latent UNet (recipe v2).** `UNet2DModel` {json.dumps(ucfg)};
+{info.get('params', 0):,} parameters; v-prediction on the cosine schedule (as the pixel model), `clip_sample=False`;
+{steps} steps of batch {info.get('batch_size', '?')} on `scaling_factor * z`, `z ~ q(z | x)` drawn afresh at
+every step; EMA weights; {_cpu_per_step(info)}. Loss (mean of the last 100 steps)
+{info['final_loss_last100']:.4f}.
+
+![loss curve](loss_curve.png)
+
+**Samples** (64 of the evaluation samples, decoded):
+
+![samples](sample_grid.png)
+
+**Quality.** {_quality_v2(mt, fam)}
+Measured with `{cmd.format(stages='eval cards')} --eval-samples {mt.get('n_samples', 1000)}`.
+
+**Reproduce:** `{cmd.format(stages='vae ldm eval cards')}` (the VAE stage is not resumable; the latent UNet
+is: `--resume`).
 """)
     log("cards: written")
 
 
 def stage_cards(out: Path, args: argparse.Namespace) -> None:
     """Render README.md model cards from train_log.json / metrics.json."""
-    if args.family != "mnist":
-        stage_cards_fashion(out, args)
+    if args.family != "mnist" or args.recipe != "v1":
+        stage_cards_v2(out, args)
         return
     retrain = "pip install -e '.[train]'\npython -m hessdiff.scripts.train_embedded {stages} --threads 1 --seed 0"
     clf_log = _read(out / "models" / "mnist-classifier" / "train_log.json")
