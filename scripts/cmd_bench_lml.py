@@ -295,8 +295,9 @@ def run_lml(args: argparse.Namespace) -> int:
             def on_emb(row: dict[str, Any]) -> None:
                 save("embedded", [row])
                 if args.progress:
-                    print(f"  {row['model']:>10s} {row['method']:>28s} nfe={row['nfe']:<3d} fid={row['fid']:.3f} "
-                          f"psnr={row['psnr']:.2f}", flush=True)
+                    psnr = f" psnr={row['psnr']:.2f}" if "psnr" in row else ""
+                    print(f"  {row['model']:>10s} {row['method']:>28s} nfe={row['nfe']:<3d} "
+                          f"block={row.get('block', 0)} fid={row['fid']:.3f}{psnr}", flush=True)
 
             done = _complete_cells(args.out, command, args.embedded_blocks) if args.resume else set()
             rows = BL.embedded_rows(args.models, args.embedded_nfe, args.embedded_samples,
