@@ -39,6 +39,26 @@ def _check_nonneg(**kw: float) -> None:
             raise ValueError(f"{k} must be a finite nonnegative number, got {v!r}")
 
 
+class LikelihoodDenoiser:
+    """What the covariance-aware denoiser transforms (MMPS, TMPD, ΠGDM) share: the prior ``denoiser``, the
+    linear measurement ``y = A x + n`` (``operator``, ``y``, ``n ~ N(0, sigma_y^2 I)``), an optional
+    ``autoencoder`` (latent space: the measurement is ``A(D(z0))``), ``clip_x0`` and the schedule; checks
+    them and measures ``x0`` (:meth:`_measure`)."""
+
+    def __init__(self, denoiser: Any, operator: Any, y: Any, sigma_y: float, *, autoencoder: Any | None = None,
+                 clip_x0: float | None = None) -> None:
+        _check_nonneg(sigma_y=sigma_y)
+        if clip_x0 is not None and not clip_x0 > 0:
+            raise ValueError(f"clip_x0 must be positive or None, got {clip_x0}")
+        self.denoiser, self.operator, self.y = denoiser, operator, y
+        self.sigma_y = float(sigma_y)
+        self.autoencoder, self.clip_x0 = autoencoder, clip_x0
+        self.schedule = denoiser.schedule
+
+    def _measure(self, x0: Any) -> Any:
+        return self.operator(x0 if self.autoencoder is None else self.autoencoder.decode(x0))
+
+
 def _require_autoencoder(autoencoder: Any, method: str, needs_encode: bool) -> None:
     if autoencoder is None:
         raise ValueError(f"{method} is a latent-space method and needs an autoencoder (decode/encode, e.g. a "

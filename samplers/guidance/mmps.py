@@ -28,13 +28,13 @@ from ..loop import CountingDenoiser, Result
 from ..schedule import TimeGrid
 from ..solvers import DDIM
 from .krylov import KRYLOV_SOLVERS
-from .measurement import _check_nonneg, _choice, prepare_measurement
+from .measurement import LikelihoodDenoiser, _check_nonneg, _choice, prepare_measurement
 from .result import Cost, run_posterior
 
 __all__ = ["MMPSDenoiser", "sample_mmps"]
 
 
-class MMPSDenoiser:
+class MMPSDenoiser(LikelihoodDenoiser):
     """``x0_hat(x_t | y)`` of MMPS behind the denoiser contract (see the module docstring).
 
     denoiser: the prior denoiser (differentiable in ``x``); operator, y: the linear measurement
@@ -49,18 +49,10 @@ class MMPSDenoiser:
     def __init__(self, denoiser: Any, operator: Any, y: Tensor, sigma_y: float, *, iterations: int = 5,
                  solver: str = "gmres", autoencoder: Any | None = None, clip_x0: float | None = None) -> None:
         _choice(solver, tuple(KRYLOV_SOLVERS), "Krylov solver")
-        _check_nonneg(sigma_y=sigma_y)
         if not (isinstance(iterations, int) and iterations >= 1):
             raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-        if clip_x0 is not None and not clip_x0 > 0:
-            raise ValueError(f"clip_x0 must be positive or None, got {clip_x0}")
-        self.denoiser, self.operator, self.y = denoiser, operator, y
-        self.sigma_y, self.iterations, self.solver = float(sigma_y), iterations, KRYLOV_SOLVERS[solver]
-        self.autoencoder, self.clip_x0 = autoencoder, clip_x0
-        self.schedule = denoiser.schedule
-
-    def _measure(self, x0: Tensor) -> Tensor:
-        return self.operator(x0 if self.autoencoder is None else self.autoencoder.decode(x0))
+        super().__init__(denoiser, operator, y, sigma_y, autoencoder=autoencoder, clip_x0=clip_x0)
+        self.iterations, self.solver = iterations, KRYLOV_SOLVERS[solver]
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Prediction:
         a, s = (float(v.reshape(-1)[0]) for v in self.schedule.alpha_sigma(broadcast_time(t, x)))

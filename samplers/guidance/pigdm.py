@@ -51,7 +51,7 @@ from ..denoiser import Prediction, broadcast_time
 from ..loop import Result
 from ..schedule import TimeGrid
 from .krylov import cg
-from .measurement import _check_nonneg, _choice
+from .measurement import LikelihoodDenoiser, _choice
 from .mmps import run_transform_on_ddim
 
 __all__ = ["PiGDMDenoiser", "sample_pigdm", "PIGDM_SCALINGS"]
@@ -60,7 +60,7 @@ __all__ = ["PiGDMDenoiser", "sample_pigdm", "PIGDM_SCALINGS"]
 PIGDM_SCALINGS = ("tweedie", "released")
 
 
-class PiGDMDenoiser:
+class PiGDMDenoiser(LikelihoodDenoiser):
     """``x0_hat(x_t | y)`` of ΠGDM behind the denoiser contract (see the module docstring).
 
     denoiser: the prior denoiser (differentiable in ``x``); operator, y: the linear measurement
@@ -74,18 +74,10 @@ class PiGDMDenoiser:
     def __init__(self, denoiser: Any, operator: Any, y: Tensor, sigma_y: float, *, cg_iterations: int = 20,
                  scaling: str = "tweedie", autoencoder: Any | None = None, clip_x0: float | None = None) -> None:
         _choice(scaling, PIGDM_SCALINGS, "ΠGDM scaling")
-        _check_nonneg(sigma_y=sigma_y)
         if not (isinstance(cg_iterations, int) and not isinstance(cg_iterations, bool) and cg_iterations >= 1):
             raise ValueError(f"cg_iterations must be a positive integer, got {cg_iterations!r}")
-        if clip_x0 is not None and not clip_x0 > 0:
-            raise ValueError(f"clip_x0 must be positive or None, got {clip_x0}")
-        self.denoiser, self.operator, self.y = denoiser, operator, y
-        self.sigma_y, self.cg_iterations, self.scaling = float(sigma_y), cg_iterations, scaling
-        self.autoencoder, self.clip_x0 = autoencoder, clip_x0
-        self.schedule = denoiser.schedule
-
-    def _measure(self, x0: Tensor) -> Tensor:
-        return self.operator(x0 if self.autoencoder is None else self.autoencoder.decode(x0))
+        super().__init__(denoiser, operator, y, sigma_y, autoencoder=autoencoder, clip_x0=clip_x0)
+        self.cg_iterations, self.scaling = cg_iterations, scaling
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Prediction:
         a, s = (float(v.reshape(-1)[0]) for v in self.schedule.alpha_sigma(broadcast_time(t, x)))

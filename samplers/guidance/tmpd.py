@@ -38,13 +38,13 @@ from torch import Tensor
 from ..denoiser import Prediction, broadcast_time
 from ..loop import Result
 from ..schedule import TimeGrid
-from .measurement import _check_nonneg
+from .measurement import LikelihoodDenoiser
 from .mmps import run_transform_on_ddim
 
 __all__ = ["TMPDDenoiser", "sample_tmpd"]
 
 
-class TMPDDenoiser:
+class TMPDDenoiser(LikelihoodDenoiser):
     """``x0_hat(x_t | y)`` of TMPD behind the denoiser contract (see the module docstring).
 
     denoiser: the prior denoiser (differentiable in ``x``); operator, y: the linear measurement
@@ -57,18 +57,10 @@ class TMPDDenoiser:
 
     def __init__(self, denoiser: Any, operator: Any, y: Tensor, sigma_y: float, *, autoencoder: Any | None = None,
                  clip_x0: float | None = None, variance_floor: float = 1e-6) -> None:
-        _check_nonneg(sigma_y=sigma_y)
         if not (isinstance(variance_floor, int | float) and math.isfinite(variance_floor) and variance_floor > 0):
             raise ValueError(f"variance_floor must be a finite positive number, got {variance_floor!r}")
-        if clip_x0 is not None and not clip_x0 > 0:
-            raise ValueError(f"clip_x0 must be positive or None, got {clip_x0}")
-        self.denoiser, self.operator, self.y = denoiser, operator, y
-        self.sigma_y, self.variance_floor = float(sigma_y), float(variance_floor)
-        self.autoencoder, self.clip_x0 = autoencoder, clip_x0
-        self.schedule = denoiser.schedule
-
-    def _measure(self, x0: Tensor) -> Tensor:
-        return self.operator(x0 if self.autoencoder is None else self.autoencoder.decode(x0))
+        super().__init__(denoiser, operator, y, sigma_y, autoencoder=autoencoder, clip_x0=clip_x0)
+        self.variance_floor = float(variance_floor)
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Prediction:
         a, s = (float(v.reshape(-1)[0]) for v in self.schedule.alpha_sigma(broadcast_time(t, x)))
