@@ -182,6 +182,17 @@ class _NoCurvature:
 
 
 def _oracle_cov(den: Any, rank: int = 32) -> DataCovarianceSource:
+    """The data-covariance source of the ``cov`` variants: of :func:`oracle_data` for an exact denoiser, of
+    the training images in a denoiser's ``lml_data`` attribute (a trained network, :func:`embedded_rows`)."""
+    own = getattr(den, "lml_data", None)
+    if own is not None:
+        key = ("cov-data", id(own), rank)
+        hit = _ORACLE_CACHE.get(key)
+        if hit is None or hit[0] is not own:
+            data = flat(own)
+            hit = _ORACLE_CACHE[key] = (own, DataCovarianceSource.from_data(data, rank=min(rank, data.shape[1])))
+        return hit[1]
+
     def make() -> DataCovarianceSource:
         data = oracle_data(den)
         return DataCovarianceSource.from_data(data, rank=min(rank, data.shape[1]))
@@ -908,6 +919,11 @@ def embedded_rows(
         stats_file = _resolve_local(name)
         if stats_file is not None and (stats_file / LML_STATS_FILE).is_file():  # for the stats variants
             den.lml_stats = StatsSource.load(stats_file / LML_STATS_FILE)  # type: ignore[attr-defined]
+        if any(v.startswith(("cov", "sec1-cov")) for _, v, _ in triples) and not model.is_latent:
+            # the cov variants' data: 1024 training images (seeded choice), the model-free covariance prior
+            xtr = embedded_dataset("train", family=fam)
+            pick = torch.randperm(xtr.shape[0], generator=torch.Generator().manual_seed(_ORACLE_DATA_SEED))[:1024]
+            den.lml_data = xtr[pick]  # type: ignore[attr-defined]
         decode = model.decode if model.is_latent else (lambda z: z)
 
         def noise_of(b: int, model: Any = model) -> Tensor:

@@ -131,6 +131,26 @@ def test_embedded_blocks_give_pooled_fid_a_floor_and_paired_goal_rows():
         cells[("dpm++2m+sec1-ad", b)]["fid"] for b in (0, 1, "pooled")]  # same noise, same images
 
 
+def test_cov_variant_on_a_trained_network_uses_its_training_images(monkeypatch):
+    """On an embedded model the model-free cov variants take the data covariance of 1024 training images."""
+    from hessdiff.samplers.lml.curvature import DataCovarianceSource
+
+    seen = []
+    real = DataCovarianceSource.from_data.__func__
+
+    def spy(cls, x, rank=32):
+        seen.append(tuple(x.shape))
+        return real(cls, x, rank)
+
+    monkeypatch.setattr(DataCovarianceSource, "from_data", classmethod(spy))
+    rows = BL.embedded_rows(models=("mnist",), nfes=(3,), n_samples=3, batch_size=3, reference_steps=6,
+                            triples=(("dpm++2m", "cov-ad", False),), bases=("dpm++2m",))
+    by = {r["method"]: r for r in rows}
+    assert seen == [(1024, 1024)]  # 1024 images of 1x32x32, flattened
+    assert by["dpm++2m+cov-ad"]["nfe_counted"] == by["dpm++2m"]["nfe_counted"] == 3
+    assert by["dpm++2m+cov-ad"]["psnr"] != by["dpm++2m"]["psnr"]
+
+
 def test_method_names_parse_and_the_embedded_cli_resumes(tmp_path, monkeypatch):
     assert BL.parse_method_names(["unipc-2", "dpm++2m+stats8-ad", "dpm++2m+jvp2-first+jvp"]) == (
         ("unipc-2",), (("dpm++2m", "stats8-ad", False), ("dpm++2m", "jvp2-first", True)))
