@@ -83,8 +83,8 @@ def register_lml(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--reference-blocks", type=int,
                    help="blocks whose images are also compared with the converged reference (default: all)")
     g.add_argument("--resume", action="store_true",
-                   help="embedded part: skip the (model, method, NFE) cells already complete in --out rows "
-                        "written by the same command")
+                   help="embedded part: skip the (model, method, NFE) cells already complete in the --out "
+                        "rows with the same sample, block and reference settings (the method list may differ)")
     g.add_argument("--overhead-model", metavar="MODEL",
                    help="overhead part: time this model (an embedded name or a model folder, with its "
                         "lml_stats.safetensors) instead of a random-init 3x32x32 UNet")
@@ -299,7 +299,7 @@ def run_lml(args: argparse.Namespace) -> int:
                     print(f"  {row['model']:>10s} {row['method']:>28s} nfe={row['nfe']:<3d} "
                           f"block={row.get('block', 0)} fid={row['fid']:.3f}{psnr}", flush=True)
 
-            done = _complete_cells(args.out, command, args.embedded_blocks) if args.resume else set()
+            done = _complete_cells(args.out, args) if args.resume else set()
             rows = BL.embedded_rows(args.models, args.embedded_nfe, args.embedded_samples,
                                     reference_steps=args.reference_steps, spacing=args.spacing,
                                     bases=emb_bases, triples=emb_triples, blocks=args.embedded_blocks,
@@ -335,19 +335,26 @@ def _overhead_title(rows: list[dict[str, Any]]) -> str:
     return f"### Wall-clock overhead per step ({what}, batch {r['batch']}, {r['steps']} steps, CPU)\n\n"
 
 
-def _complete_cells(path: str, command: str, blocks: int) -> set[tuple[str, str, int]]:
-    """(model, method, NFE) cells of the embedded part with all ``blocks`` rows in ``path`` from ``command``."""
+def _complete_cells(path: str, args: argparse.Namespace) -> set[tuple[str, str, int]]:
+    """(model, method, NFE) cells of the embedded part already complete in the rows file ``path`` for the
+    settings of ``args`` (sample and block counts, first seed, spacing, reference steps): every block row,
+    and the pooled row when there are blocks. The method list and the other parts may differ."""
     p = Path(path)
     if not p.exists():
         return set()
+    want = {"n_samples": args.embedded_samples, "blocks": args.embedded_blocks, "first_seed": 0,
+            "spacing": args.spacing, "reference_steps": args.reference_steps}
     seen: dict[tuple[str, str, int], set[Any]] = {}
     for line in p.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         r = json.loads(line)
-        if r.get("part") == "embedded" and r.get("command") == command and r["method"] != "real":
-            seen.setdefault((r["model"], r["method"], int(r["nfe"])), set()).add(r.get("block", 0))
-    need = {"pooled"} if blocks > 1 else {0}
+        if r.get("part") != "embedded" or r["method"] == "real":
+            continue
+        if any(k in r and r[k] != v for k, v in want.items()) or r.get("blocks", 1) != args.embedded_blocks:
+            continue
+        seen.setdefault((r["model"], r["method"], int(r["nfe"])), set()).add(r.get("block", 0))
+    need = {"pooled", *range(args.embedded_blocks)} if args.embedded_blocks > 1 else {0}
     return {k for k, v in seen.items() if need <= v}
 
 

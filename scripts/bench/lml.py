@@ -290,6 +290,12 @@ VARIANTS: dict[str, Variant] = {
                             model_correction=lambda den, nfe, seed, d: HessianStepCorrection(
                                 GatedSource(_NoCurvature(), oracle_stats(den), gate=1.0), adaptive=True,
                                 radial="keep")),
+    "stats8-cov-ad": Variant("gated (zero NFE): model statistics below rho = sigma / alpha = 1, the data covariance "
+                             "above (where a trained network's Jacobian is least reliable and the Gaussian "
+                             "transport multiplies its error by rho^2), gain-ratio damping",
+                             model_correction=lambda den, nfe, seed, d: HessianStepCorrection(
+                                 GatedSource(oracle_stats(den), _oracle_cov(den), gate=1.0), adaptive=True,
+                                 radial="keep")),
     "cov-ad": Variant("data covariance (zero NFE, model-free: rank 32 PCA of 1024 data draws, the mean variance "
                       "on the rest), gain-ratio damping",
                       model_correction=lambda den, nfe, seed, d: HessianStepCorrection(
