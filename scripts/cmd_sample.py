@@ -8,8 +8,10 @@ Levenberg-Marquardt-Langevin map; ``lamb`` default 1e-3), ``lml-hessian-step`` (
 preconditioning of each step), ``lml-matched-noise`` (the control: a random perturbation of the published
 map's size), ``lml-stats`` (the zero-NFE Gaussian step with the model's per-noise-level statistics,
 ``lml_stats.safetensors`` in the model folder, written by ``python -m hessdiff.scripts.lml_stats MODEL``; the
-drop-ins' ``lml_variant="stats"``). ``--lml-option KEY=VALUE`` sets the correction's arguments (e.g.
-``lamb=5e-3``, ``rank=2``; ``stats=PATH`` for ``lml-stats``).
+drop-ins' ``lml_variant="stats"``), ``lml-cov`` (the same step with the data covariance,
+``lml_cov.safetensors``, written in seconds by ``python -m hessdiff.scripts.lml_stats MODEL --covariance``;
+``lml_variant="cov"``). ``--lml-option KEY=VALUE`` sets the correction's arguments (e.g. ``lamb=5e-3``,
+``rank=2``; ``stats=PATH`` for ``lml-stats`` / ``lml-cov``).
 
 Image ``i`` depends only on seed ``i`` (its starting noise and any sampler noise come from its own
 generator), whatever ``--seeds`` and ``--batch-size`` are. Writes ``OUT/seed0000.png`` ... (one per
@@ -38,7 +40,7 @@ EPILOG = """examples:
   hessdiff sample --sampler unipc --steps 8 --seeds 0-15        # UniPC-2 (bh2), or ipndm (iPNDM-4), deis (DEIS-tAB3)
   hessdiff sample --sampler lml-published --solver dpm --steps 10 --lml-option lamb=8e-4 --seeds 0,3,5-9
   hessdiff sample --sampler lml-hessian-step --steps 10 --seeds 0-15 --out runs/lml
-  hessdiff sample --model fashion --sampler lml-stats --solver unipc --steps 5 --seeds 0-15   # zero extra NFE
+  hessdiff sample --model fashion --sampler lml-cov --solver unipc --steps 5 --seeds 0-15   # zero extra NFE
   hessdiff sample --model google/ddpm-cifar10-32 --sampler dpm --steps 10 --seeds 0-63 --device cuda
   hessdiff sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a photo of a cat" \\
       --steps 25 --seeds 0-3 --dtype float16 --device cuda
@@ -50,7 +52,7 @@ DEFAULT_STEPS = 25
 SAMPLERS = ("ddim", "dpm", "dpm++", "euler", "unipc", "ipndm", "deis")
 #: ``lml-<name>`` -> the ``make_correction`` name
 LML_VARIANTS = {"lml-published": "published", "lml-hessian-step": "hessian-step",
-                "lml-matched-noise": "matched-noise", "lml-stats": "stats"}
+                "lml-matched-noise": "matched-noise", "lml-stats": "stats", "lml-cov": "cov"}
 
 
 #: correction arguments the command starts from (``--lml-option`` overrides them): the Hessian step leaves the
@@ -121,14 +123,17 @@ def _resolve_sampler(sampler: str | None, solver: str | None, flow: bool) -> tup
     return base, correction
 
 
-def _stats_correction(model: Any, opts: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """``lml-stats``: the zero-NFE Gaussian step with the model's per-level statistics, as the drop-ins'
-    ``lml_variant="stats"`` (gain-ratio damping, float64, radial part kept). The file: ``--lml-option
-    stats=PATH``, else ``lml_stats.safetensors`` in the model's folder."""
+def _stats_correction(model: Any, opts: dict[str, Any], kind: str = "stats") -> tuple[Any, dict[str, Any]]:
+    """``lml-stats`` / ``lml-cov``: the zero-NFE Gaussian step with the model's per-level statistics or with the
+    data covariance, as the drop-ins' ``lml_variant="stats"`` / ``"cov"`` (gain-ratio damping, float64, radial
+    part kept). The file: ``--lml-option stats=PATH``, else ``lml_stats.safetensors`` / ``lml_cov.safetensors``
+    in the model's folder."""
     from hessdiff.samplers.lml import HessianStepCorrection
-    from hessdiff.samplers.lml.curvature import StatsSource
+    from hessdiff.samplers.lml.curvature import DataCovarianceSource, StatsSource
     from hessdiff.samplers.models import LML_STATS_FILE, ModelLoadError, _resolve_local
+    from hessdiff.scripts.lml_stats import LML_COV_FILE
 
+    name = LML_STATS_FILE if kind == "stats" else LML_COV_FILE
     opts = dict(opts)
     given = opts.pop("stats", None)
     if given is not None:
@@ -138,15 +143,18 @@ def _stats_correction(model: Any, opts: dict[str, Any]) -> tuple[Any, dict[str, 
             folder = _resolve_local(model.source) if model.source else None
         except ModelLoadError:
             folder = None
-        path = folder / LML_STATS_FILE if folder is not None else Path(LML_STATS_FILE)
+        path = folder / name if folder is not None else Path(name)
+    what = "LML statistics" if kind == "stats" else "data covariance"
     if not path.is_file():
         src = model.source or "MODEL"
-        raise CLIError(f"no LML statistics at {path}: compute them with `python -m hessdiff.scripts.lml_stats "
-                       f"{src}` (minutes to an hour on a CPU) or give a file with --lml-option stats=PATH")
+        flag = "" if kind == "stats" else " --covariance"
+        cost = "minutes to an hour on a CPU" if kind == "stats" else "seconds"
+        raise CLIError(f"no {what} at {path}: compute it with `python -m hessdiff.scripts.lml_stats {src}{flag}` "
+                       f"({cost}) or give a file with --lml-option stats=PATH")
     try:
-        source = StatsSource.load(path)
+        source = (StatsSource if kind == "stats" else DataCovarianceSource).load(path)
     except (OSError, ValueError, KeyError) as exc:
-        raise CLIError(f"{path}: not a readable LML statistics file ({exc})") from None
+        raise CLIError(f"{path}: not a readable {what} file ({exc})") from None
     kw = {"adaptive": True, "precision": "float64", "radial": "keep", **opts}
     return HessianStepCorrection(source, **kw), {"stats": str(path), **kw}
 
@@ -199,8 +207,8 @@ def sample_images(
 
         try:
             opts = {**LML_DEFAULTS.get(corr_name, {}), **dict(lml_options or {})}
-            if corr_name == "stats":
-                correction, opts = _stats_correction(model, opts)
+            if corr_name in ("stats", "cov"):
+                correction, opts = _stats_correction(model, opts, corr_name)
             else:
                 correction = make_correction(corr_name, **opts)
         except TypeError as exc:

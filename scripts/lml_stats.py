@@ -42,11 +42,15 @@ __all__ = ["build_parser", "main", "run", "stats_levels", "training_data", "comp
 
 #: the ``format`` metadata entry of the files this writes
 STATS_FORMAT = "hessdiff-lml-stats-v1"
+COV_FORMAT = "hessdiff-lml-cov-v1"
+#: the data-covariance file of ``lml_variant="cov"`` (``--covariance``), next to a model
+LML_COV_FILE = "lml_cov.safetensors"
 
 EPILOG = """examples:
   python -m hessdiff.scripts.lml_stats mnist                         # -> assets/models/mnist-ddpm/lml_stats.safetensors
   python -m hessdiff.scripts.lml_stats mnist --images 32 --levels 8 --out /tmp/s.safetensors
   python -m hessdiff.scripts.lml_stats path/to/pipeline --data train_images.pt --overwrite
+  python -m hessdiff.scripts.lml_stats fashion --covariance    # -> assets/models/fashion-ddpm/lml_cov.safetensors
 """
 
 
@@ -56,9 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="embedded model name or local diffusers folder")
     p.add_argument("--out", help="output file (default: <model folder>/lml_stats.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--rank", type=int, default=8, help="eigen-directions kept per level (default 8)")
+    p.add_argument("--covariance", action="store_true",
+                   help="write the model-free data covariance of lml_variant='cov' instead (lml_cov.safetensors: "
+                        "a rank --rank PCA of --images training images in the model's space; no network "
+                        "evaluation, seconds; defaults rank 32, 1024 images)")
+    p.add_argument("--rank", type=int, default=None, help="eigen-directions kept per level (default 8; "
+                                                         "--covariance: principal directions, default 32)")
     p.add_argument("--levels", type=int, default=12, help="noise levels, log-spaced over the schedule (default 12)")
-    p.add_argument("--images", type=int, default=64, help="training images averaged over (default 64)")
+    p.add_argument("--images", type=int, default=None,
+                   help="training images averaged over (default 64; --covariance: 1024, or all if fewer)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image choice, noise and probes (default 0)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--oversample", type=int, default=4, help="extra probes of the range finder (default 4)")
@@ -206,7 +216,14 @@ def compute_stats(model: Any, images: Tensor, *, rank: int, levels: int, seed: i
 def run(args: argparse.Namespace) -> int:
     from hessdiff.samplers.models import LML_STATS_FILE, ModelLoadError, _resolve_local, load_model, model_fingerprint
 
+    cov = bool(getattr(args, "covariance", False))
+    if args.rank is None:
+        args.rank = 32 if cov else 8
+    if args.images is None and not cov:
+        args.images = 64
     for name in ("rank", "levels", "images", "threads", "batch_size"):
+        if name == "images" and args.images is None:
+            continue
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.oversample < 0 or args.iterations < 0:
@@ -220,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from exc
     if args.out is None and folder is None:
         raise CLIError(f"{args.model!r} is not a local folder: pass --out PATH")
-    out = Path(args.out) if args.out else folder / LML_STATS_FILE  # type: ignore[operator]
+    out = Path(args.out) if args.out else folder / (LML_COV_FILE if cov else LML_STATS_FILE)  # type: ignore[operator]
     if out.exists() and not args.overwrite:
         raise CLIError(f"{out} exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
@@ -236,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type != "cpu":
         model.to(device)
     images, data_desc = training_data(args.model, folder, args.data)
+    if cov:
+        return _write_covariance(args, model, folder, images, data_desc, out, device, t0, log)
     if args.images > images.shape[0]:
         raise CLIError(f"--images {args.images}: only {images.shape[0]} training images")
     pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(args.seed))[: args.images]
@@ -273,6 +292,36 @@ def run(args: argparse.Namespace) -> int:
     lo, hi = float(stats.rhos.min()), float(stats.rhos.max())
     print(f"wrote {out}: {stats.rhos.numel()} levels (rho {lo:.3g}..{hi:.3g}), rank {stats.rank}, dim {stats.dim}; "
           f"{size} bytes ({size / 1024:.1f} KiB); {wall:.1f} s ({compute:.1f} s estimating)")
+    return 0
+
+
+def _write_covariance(args: argparse.Namespace, model: Any, folder: Path | None, images: Tensor, data_desc: str,
+                      out: Path, device: torch.device, t0: float, log: Any) -> int:
+    """``--covariance``: the PCA of the training images in the model's space (latents for a latent model)."""
+    from hessdiff.samplers.lml.curvature import DataCovarianceSource
+
+    n = min(args.images or 1024, images.shape[0])
+    if args.images is not None and args.images > images.shape[0]:
+        raise CLIError(f"--images {args.images}: only {images.shape[0]} training images")
+    pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(args.seed))[:n]
+    x = _model_space(model, images[pick.sort().values], args.batch_size, device).cpu()
+    src = DataCovarianceSource.from_data(x, rank=min(args.rank, int(x[0].numel())))
+    if log:
+        log(f"lml_stats --covariance: {args.model} ({data_desc}); {n} images, rank {int(src.c.numel())}, "
+            f"dim {src.dim}")
+    import hessdiff
+
+    meta = {"format": COV_FORMAT, "model": str(args.model), "rank": str(int(src.c.numel())), "images": str(n),
+            "seed": str(args.seed), "data": data_desc, "space": "latent" if model.is_latent else "pixel",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "hessdiff_version": str(getattr(hessdiff, "__version__", "")), "torch_version": torch.__version__}
+    try:
+        src.save(out, overwrite=args.overwrite, metadata=meta)
+    except FileExistsError as exc:
+        raise CLIError(f"{out} appeared meanwhile; pass --overwrite to replace it") from exc
+    size = out.stat().st_size
+    print(f"wrote {out}: data covariance of {n} images, rank {int(src.c.numel())}, dim {src.dim}, rest variance "
+          f"{src.c0:.3g}; {size} bytes ({size / 1024:.1f} KiB); {time.perf_counter() - t0:.1f} s")
     return 0
 
 

