@@ -300,11 +300,12 @@ def run_lml(args: argparse.Namespace) -> int:
                           f"block={row.get('block', 0)} fid={row['fid']:.3f}{psnr}", flush=True)
 
             done = _complete_cells(args.out, args) if args.resume else set()
+            asked = set(args.embedded_methods) if args.embedded_methods else None  # not the bases of the triples
             rows = BL.embedded_rows(args.models, args.embedded_nfe, args.embedded_samples,
                                     reference_steps=args.reference_steps, spacing=args.spacing,
                                     bases=emb_bases, triples=emb_triples, blocks=args.embedded_blocks,
                                     reference_blocks=args.reference_blocks, on_row=on_emb,
-                                    skip=lambda m, k, n: (m, k, n) in done)
+                                    skip=lambda m, k, n: (m, k, n) in done or (asked is not None and k not in asked))
             sections.append(EMBEDDED_TITLE + BL.format_embedded(rows) + f"\n({time.perf_counter() - t0:.0f} s)\n")
         if "overhead" in parts:
             t0 = time.perf_counter()

@@ -177,6 +177,10 @@ def test_method_names_parse_and_the_embedded_cli_resumes(tmp_path, monkeypatch):
     assert main([*argv, "--resume"]) == 0  # nothing left to run: no new rows
     assert [json.loads(x) for x in out.read_text().splitlines()] == first
     assert not calls[1]["skip"]("mnist", "ddim", 3) and calls[1]["skip"]("mnist", "ddim", 2)
+    # only the methods asked for run (a variant's base is not added)
+    assert main([*argv[:argv.index("--embedded-methods") + 1], "ddim+sec1-ad", *argv[argv.index("--out"):]]) == 0
+    added = [json.loads(x) for x in out.read_text().splitlines()][len(first):]
+    assert {r["method"] for r in added} == {"ddim+sec1-ad"}
     assert main(["bench", "lml", "--parts", "embedded", "--resume"]) == 2
     assert main(["bench", "lml", "--parts", "embedded", "--embedded-methods", "heun"]) == 2
 
