@@ -774,6 +774,9 @@ def overhead_rows(steps: int = 10, batch: int = 8, size: int = 32, repeats: int 
         folder = _resolve_local(model)
         if folder is not None and (folder / LML_STATS_FILE).is_file():
             den.lml_stats = StatsSource.load(folder / LML_STATS_FILE)  # type: ignore[attr-defined]
+        wants_cov = any(v.split("+")[-1].startswith(("cov", "sec1-cov", "stats8-cov")) for v in (methods or ()))
+        if wants_cov and not m.is_latent:  # the cov variants' data, as in embedded_rows
+            den.lml_data = _training_pick(_embedded_family(model))  # type: ignore[attr-defined]
         shape = tuple(m.sample_shape)
     grid = den.schedule.grid(steps, "trailing", style="dpmsolver")
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
@@ -827,6 +830,16 @@ EMBEDDED_SET: tuple[tuple[str, str, bool], ...] = (
     ("dpm++2m", "jvp2-first-perp", True),
 )
 EMBEDDED_BASES: tuple[str, ...] = ("ddim", "dpm-3", "dpm++2m")
+
+
+def _training_pick(family: str, n: int = 1024) -> Tensor:
+    """The cov variants' data on a trained network: ``n`` training images of the family (seeded choice), the
+    model-free covariance prior."""
+    from hessdiff.samplers.models import embedded_dataset
+
+    xtr = embedded_dataset("train", family=family)
+    pick = torch.randperm(xtr.shape[0], generator=torch.Generator().manual_seed(_ORACLE_DATA_SEED))[:n]
+    return xtr[pick]
 
 
 def _embedded_family(name: str) -> str:
@@ -925,11 +938,8 @@ def embedded_rows(
         stats_file = _resolve_local(name)
         if stats_file is not None and (stats_file / LML_STATS_FILE).is_file():  # for the stats variants
             den.lml_stats = StatsSource.load(stats_file / LML_STATS_FILE)  # type: ignore[attr-defined]
-        if any(v.startswith(("cov", "sec1-cov")) for _, v, _ in triples) and not model.is_latent:
-            # the cov variants' data: 1024 training images (seeded choice), the model-free covariance prior
-            xtr = embedded_dataset("train", family=fam)
-            pick = torch.randperm(xtr.shape[0], generator=torch.Generator().manual_seed(_ORACLE_DATA_SEED))[:1024]
-            den.lml_data = xtr[pick]  # type: ignore[attr-defined]
+        if any(v.startswith(("cov", "sec1-cov", "stats8-cov")) for _, v, _ in triples) and not model.is_latent:
+            den.lml_data = _training_pick(fam)  # type: ignore[attr-defined]
         decode = model.decode if model.is_latent else (lambda z: z)
 
         def noise_of(b: int, model: Any = model) -> Tensor:
