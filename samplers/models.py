@@ -697,6 +697,8 @@ def load_model(name_or_path: str | os.PathLike = "mnist") -> DiffusionModel:
 
 #: the per-model LML statistics file (``python -m hessdiff.scripts.lml_stats``), next to the model
 LML_STATS_FILE = "lml_stats.safetensors"
+#: the data-covariance file of ``lml_variant="cov"`` (``python -m hessdiff.scripts.lml_stats --covariance``)
+LML_COV_FILE = "lml_cov.safetensors"
 
 _NET_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
 

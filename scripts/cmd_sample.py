@@ -130,8 +130,7 @@ def _stats_correction(model: Any, opts: dict[str, Any], kind: str = "stats") -> 
     in the model's folder."""
     from hessdiff.samplers.lml import HessianStepCorrection
     from hessdiff.samplers.lml.curvature import DataCovarianceSource, StatsSource
-    from hessdiff.samplers.models import LML_STATS_FILE, ModelLoadError, _resolve_local
-    from hessdiff.scripts.lml_stats import LML_COV_FILE
+    from hessdiff.samplers.models import LML_COV_FILE, LML_STATS_FILE, ModelLoadError, _resolve_local
 
     name = LML_STATS_FILE if kind == "stats" else LML_COV_FILE
     opts = dict(opts)

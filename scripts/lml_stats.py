@@ -43,8 +43,6 @@ __all__ = ["build_parser", "main", "run", "stats_levels", "training_data", "comp
 #: the ``format`` metadata entry of the files this writes
 STATS_FORMAT = "hessdiff-lml-stats-v1"
 COV_FORMAT = "hessdiff-lml-cov-v1"
-#: the data-covariance file of ``lml_variant="cov"`` (``--covariance``), next to a model
-LML_COV_FILE = "lml_cov.safetensors"
 
 EPILOG = """examples:
   python -m hessdiff.scripts.lml_stats mnist                         # -> assets/models/mnist-ddpm/lml_stats.safetensors
@@ -214,7 +212,14 @@ def compute_stats(model: Any, images: Tensor, *, rank: int, levels: int, seed: i
 
 # --------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
-    from hessdiff.samplers.models import LML_STATS_FILE, ModelLoadError, _resolve_local, load_model, model_fingerprint
+    from hessdiff.samplers.models import (
+        LML_COV_FILE,
+        LML_STATS_FILE,
+        ModelLoadError,
+        _resolve_local,
+        load_model,
+        model_fingerprint,
+    )
 
     cov = bool(getattr(args, "covariance", False))
     if args.rank is None:

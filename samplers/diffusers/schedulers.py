@@ -123,6 +123,7 @@ from ..lml import PRECISIONS, DataCovarianceSource, HessianStepCorrection, LMLCo
 from ..lml import check_lamb_kappa as _check_lamb_kappa
 from ..lml.lowrank import flat
 from ..loop import Proposal
+from ..models import LML_COV_FILE, LML_STATS_FILE
 
 __all__ = [
     "LMLDDIMScheduler",
@@ -147,11 +148,9 @@ LML_CONFIG_DEFAULTS: dict[str, Any] = {"lamb": 1e-3, "kappa": 0.0, "precision": 
 #: the model's per-level statistics, or with the data covariance
 LML_VARIANTS = ("published", "secant", "stats", "cov")
 
-#: the statistics file ``lml_variant="stats"`` looks for (next to the scheduler config, or in its parent folder)
-LML_STATS_FILE = "lml_stats.safetensors"
-#: the data-covariance file ``lml_variant="cov"`` looks for (the same places)
-LML_COV_FILE = "lml_cov.safetensors"
-#: variant -> (default file name, the lml_stats command that writes it)
+#: variant -> (default file name, the lml_stats command that writes it): the statistics file of
+#: ``lml_variant="stats"`` and the data-covariance file of ``"cov"``, looked for next to the scheduler config or
+#: in its parent folder
 _VARIANT_FILES = {"stats": (LML_STATS_FILE, "python -m hessdiff.scripts.lml_stats MODEL"),
                   "cov": (LML_COV_FILE, "python -m hessdiff.scripts.lml_stats MODEL --covariance")}
 
