@@ -304,6 +304,28 @@ def _compress(A: LowRankSym, project: Tensor | None) -> LowRankSym:
     return LowRankSym(torch.linalg.qr(U)[0], A.s, A.s0)
 
 
+def _save_tensors(path: str | Any, tensors: dict[str, Tensor], metadata: dict[str, Any], overwrite: bool) -> Any:
+    """The tensors (contiguous) and string metadata to a safetensors file, atomically (no silent overwrite)."""
+    from safetensors.torch import save_file
+
+    from hessdiff.utils.files import atomic_write
+
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta or None), overwrite=overwrite)
+
+
+def _load_tensors(path: str | Any, names: Sequence[str], what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``names`` from a safetensors file and its metadata; a file without them is not ``what``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        missing = set(names) - set(f.keys())
+        if missing:
+            raise ValueError(f"{path}: not {what} (missing {sorted(missing)})")
+        return {k: f.get_tensor(k) for k in names}, dict(f.metadata() or {})
+
+
 class DataCovarianceSource:
     """Curvature of a Gaussian with the data's covariance (a model-free prior): with
     ``Sigma = V diag(c) V^T + c0 (I - V V^T)``, ``A = Sigma (Sigma + rho^2 I)^{-1}`` has eigenvalues
@@ -328,27 +350,13 @@ class DataCovarianceSource:
         """Write ``V, c, c0`` (float64) and the metadata to a safetensors file (``lml_cov.safetensors`` next to
         a model is where the drop-ins' ``lml_variant="cov"`` looks), atomically; an existing file is refused
         unless ``overwrite``."""
-        from safetensors.torch import save_file
-
-        from hessdiff.utils.files import atomic_write
-
-        meta = {str(k): str(v) for k, v in {**self.metadata, **(metadata or {})}.items()}
-        tensors = {"V": self.V.contiguous(), "c": self.c.contiguous(),
-                   "c0": torch.tensor([self.c0], dtype=torch.float64)}
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta or None),
-                            overwrite=overwrite)
+        return _save_tensors(path, {"V": self.V, "c": self.c, "c0": torch.tensor([self.c0], dtype=torch.float64)},
+                             {**self.metadata, **(metadata or {})}, overwrite)
 
     @classmethod
     def load(cls, path: str | Any) -> DataCovarianceSource:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            missing = {"V", "c", "c0"} - set(f.keys())
-            if missing:
-                raise ValueError(f"{path}: not an LML data-covariance file (missing {sorted(missing)})")
-            t = {k: f.get_tensor(k) for k in ("V", "c", "c0")}
-            meta = f.metadata() or {}
-        return cls(t["V"], t["c"], float(t["c0"].reshape(-1)[0]), metadata=dict(meta))
+        t, meta = _load_tensors(path, ("V", "c", "c0"), "an LML data-covariance file")
+        return cls(t["V"], t["c"], float(t["c0"].reshape(-1)[0]), metadata=meta)
 
     def __repr__(self) -> str:
         return f"DataCovarianceSource(rank={int(self.c.numel())}, dim={self.dim}, c0={self.c0:.3g})"
@@ -461,28 +469,13 @@ class StatsSource:
     def save(self, path: str | Any, overwrite: bool = False, metadata: dict[str, str] | None = None) -> Any:
         """Write ``rhos, U, s, s0`` (float64) and the metadata (``self.metadata`` updated by ``metadata``)
         to a safetensors file, atomically; an existing file is refused unless ``overwrite``."""
-        from safetensors.torch import save_file
-
-        from hessdiff.utils.files import atomic_write
-
-        meta = {str(k): str(v) for k, v in {**self.metadata, **(metadata or {})}.items()}
-        tensors = {"rhos": self.rhos.contiguous(), "U": self.U.contiguous(), "s": self.s.contiguous(),
-                   "s0": self.s0.contiguous()}
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta or None),
-                            overwrite=overwrite)
+        return _save_tensors(path, {"rhos": self.rhos, "U": self.U, "s": self.s, "s0": self.s0},
+                             {**self.metadata, **(metadata or {})}, overwrite)
 
     @classmethod
     def load(cls, path: str | Any) -> StatsSource:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            names = set(f.keys())
-            missing = {"rhos", "U", "s", "s0"} - names
-            if missing:
-                raise ValueError(f"{path}: not an LML statistics file (missing {sorted(missing)})")
-            t = {k: f.get_tensor(k) for k in ("rhos", "U", "s", "s0")}
-            meta = f.metadata() or {}
-        return cls(t["rhos"], t["U"], t["s"], t["s0"], metadata=dict(meta))
+        t, meta = _load_tensors(path, ("rhos", "U", "s", "s0"), "an LML statistics file")
+        return cls(t["rhos"], t["U"], t["s"], t["s0"], metadata=meta)
 
     def __repr__(self) -> str:
         return (f"StatsSource(levels={self.rhos.numel()}, rank={self.rank}, dim={self.dim}, "
