@@ -123,15 +123,17 @@ def _prior_of(den: Any) -> Any:
     return getattr(den, "prior", None)
 
 
-def _cached(kind: str, den: Any, param: int, make: Callable[[], Any]) -> Any:
-    prior = _prior_of(den)
-    if prior is None:
+def _cached(kind: str, den: Any, param: int, make: Callable[[], Any], anchor: Any = None) -> Any:
+    """``make()``, computed once per (kind, param) and ``anchor`` (default: the oracle's prior), the object
+    whose identity keys the cache."""
+    anchor = _prior_of(den) if anchor is None else anchor
+    if anchor is None:
         raise ValueError(f"the {kind} variants need an exact oracle (a denoiser with a `prior`) or a denoiser "
                          "carrying `lml_stats` (a StatsSource)")
-    key = (kind, id(prior), param)
+    key = (kind, id(anchor), param)
     hit = _ORACLE_CACHE.get(key)
-    if hit is None or hit[0] is not prior:
-        hit = _ORACLE_CACHE[key] = (prior, make())
+    if hit is None or hit[0] is not anchor:
+        hit = _ORACLE_CACHE[key] = (anchor, make())
     return hit[1]
 
 
@@ -185,19 +187,12 @@ def _oracle_cov(den: Any, rank: int = 32) -> DataCovarianceSource:
     """The data-covariance source of the ``cov`` variants: of :func:`oracle_data` for an exact denoiser, of
     the training images in a denoiser's ``lml_data`` attribute (a trained network, :func:`embedded_rows`)."""
     own = getattr(den, "lml_data", None)
-    if own is not None:
-        key = ("cov-data", id(own), rank)
-        hit = _ORACLE_CACHE.get(key)
-        if hit is None or hit[0] is not own:
-            data = flat(own)
-            hit = _ORACLE_CACHE[key] = (own, DataCovarianceSource.from_data(data, rank=min(rank, data.shape[1])))
-        return hit[1]
 
     def make() -> DataCovarianceSource:
-        data = oracle_data(den)
+        data = flat(own) if own is not None else oracle_data(den)
         return DataCovarianceSource.from_data(data, rank=min(rank, data.shape[1]))
 
-    return _cached("cov", den, rank, make)
+    return _cached("cov", den, rank, make, anchor=own)
 
 
 def _seed_of(x: Tensor) -> int:
@@ -762,29 +757,24 @@ def overhead_rows(steps: int = 10, batch: int = 8, size: int = 32, repeats: int 
     """
     from hessdiff.samplers.denoiser import UNetDenoiser
 
-    if model is None:
-        unet = small_unet(size)
-        den = CountingDenoiser(UNetDenoiser(unet, default_gmm_schedule()))
-        shape: tuple[int, ...] = (3, size, size)
-    else:
-        from hessdiff.samplers.models import LML_STATS_FILE, _resolve_local, load_model
-
-        m = load_model(model)
-        den = CountingDenoiser(UNetDenoiser.from_unet_and_scheduler(m.unet, m.scheduler))
-        folder = _resolve_local(model)
-        if folder is not None and (folder / LML_STATS_FILE).is_file():
-            den.lml_stats = StatsSource.load(folder / LML_STATS_FILE)  # type: ignore[attr-defined]
-        wants_cov = any(v.split("+")[-1].startswith(("cov", "sec1-cov", "stats8-cov")) for v in (methods or ()))
-        if wants_cov and not m.is_latent:  # the cov variants' data, as in embedded_rows
-            den.lml_data = _training_pick(_embedded_family(model))  # type: ignore[attr-defined]
-        shape = tuple(m.sample_shape)
-    grid = den.schedule.grid(steps, "trailing", style="dpmsolver")
-    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     if methods is not None:
         bases, triples = parse_method_names(methods)
         pairs = [(b, None) for b in bases] + [(b, v) for b, v, _ in triples]
     else:
         pairs = [p for b in bases for p in [(b, None), *((b, v) for v in variants)]]
+    if model is None:
+        unet = small_unet(size)
+        den = CountingDenoiser(UNetDenoiser(unet, default_gmm_schedule()))
+        shape: tuple[int, ...] = (3, size, size)
+    else:
+        from hessdiff.samplers.models import load_model
+
+        m = load_model(model)
+        den = CountingDenoiser(UNetDenoiser.from_unet_and_scheduler(m.unet, m.scheduler))
+        _attach_model_sources(den, model, m, _embedded_family(model), [v for _, v in pairs if v is not None])
+        shape = tuple(m.sample_shape)
+    grid = den.schedule.grid(steps, "trailing", style="dpmsolver")
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     base_fns = base_methods()
     runs: dict[str, tuple[str, Callable[[], Tensor]]] = {}
     for b, v in pairs:
@@ -830,6 +820,19 @@ EMBEDDED_SET: tuple[tuple[str, str, bool], ...] = (
     ("dpm++2m", "jvp2-first-perp", True),
 )
 EMBEDDED_BASES: tuple[str, ...] = ("ddim", "dpm-3", "dpm++2m")
+
+
+def _attach_model_sources(den: Any, name: str, model: Any, family: str, variants: Sequence[str]) -> None:
+    """What the model-dependent variants read from a trained network's denoiser: ``lml_stats`` (the model
+    folder's statistics file, for the stats variants) and, when a variant uses the data covariance (pixel
+    models), ``lml_data`` (:func:`_training_pick`)."""
+    from hessdiff.samplers.models import LML_STATS_FILE, _resolve_local
+
+    folder = _resolve_local(name)
+    if folder is not None and (folder / LML_STATS_FILE).is_file():
+        den.lml_stats = StatsSource.load(folder / LML_STATS_FILE)
+    if not model.is_latent and any(v.startswith(("cov", "sec1-cov", "stats8-cov")) for v in variants):
+        den.lml_data = _training_pick(family)
 
 
 def _training_pick(family: str, n: int = 1024) -> Tensor:
@@ -891,8 +894,6 @@ def embedded_rows(
     from hessdiff.eval.metrics.fid import FeatureStats, fid_from_stats
     from hessdiff.samplers.denoiser import UNetDenoiser
     from hessdiff.samplers.models import (
-        LML_STATS_FILE,
-        _resolve_local,
         domain_features,
         embedded_dataset,
         load_classifier,
@@ -935,11 +936,7 @@ def embedded_rows(
                   "fid": fid_from_stats(FeatureStats().update(torch.cat(feats)), ref_stats)})
         model = load_model(name)
         den = CountingDenoiser(UNetDenoiser.from_unet_and_scheduler(model.unet, model.scheduler))
-        stats_file = _resolve_local(name)
-        if stats_file is not None and (stats_file / LML_STATS_FILE).is_file():  # for the stats variants
-            den.lml_stats = StatsSource.load(stats_file / LML_STATS_FILE)  # type: ignore[attr-defined]
-        if any(v.startswith(("cov", "sec1-cov", "stats8-cov")) for _, v, _ in triples) and not model.is_latent:
-            den.lml_data = _training_pick(fam)  # type: ignore[attr-defined]
+        _attach_model_sources(den, name, model, fam, [v for _, v, _ in triples])
         decode = model.decode if model.is_latent else (lambda z: z)
 
         def noise_of(b: int, model: Any = model) -> Tensor:
