@@ -229,19 +229,15 @@ def run_lml(args: argparse.Namespace) -> int:
         raise CLIError("--embedded-samples must be >= 2, --reference-steps and --embedded-nfe positive")
     if args.embedded_blocks < 1 or (args.reference_blocks is not None and args.reference_blocks < 0):
         raise CLIError("--embedded-blocks must be >= 1 and --reference-blocks >= 0")
-    if args.overhead_methods:
-        try:
-            BL.parse_method_names(args.overhead_methods)
-        except ValueError as exc:
-            raise CLIError(str(exc)) from None
     if args.resume and not args.out:
         raise CLIError("--resume needs --out (the rows file to resume)")
-    emb_bases, emb_triples = BL.EMBEDDED_BASES, BL.EMBEDDED_SET
-    if args.embedded_methods:
-        try:
-            emb_bases, emb_triples = BL.parse_method_names(args.embedded_methods)
-        except ValueError as exc:
-            raise CLIError(str(exc)) from None
+    try:
+        if args.overhead_methods:
+            BL.parse_method_names(args.overhead_methods)
+        emb_bases, emb_triples = (BL.parse_method_names(args.embedded_methods) if args.embedded_methods
+                                  else (BL.EMBEDDED_BASES, BL.EMBEDDED_SET))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     bases = tuple(args.bases) if args.bases else BL.BASES
     try:
         BL.lml_methods(args.variants, bases=bases)
