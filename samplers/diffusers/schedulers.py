@@ -297,24 +297,18 @@ class _LMLMixin:
         self._lml_stats_found = False
         if lml_variant == "secant":
             self._hstep = HessianStepCorrection("secant", 1, adaptive=True, precision="float64", radial="exclude")
-        elif lml_variant == "stats":
-            dirs = _STATS_DIRS.get()
-            path, found = _find_stats(lml_stats, dirs)
-            stats = StatsSource.load(path)
-            if found:
-                _check_fingerprint(stats, path)
+        elif lml_variant in ("stats", "cov"):
+            path, found = _find_stats(lml_stats, _STATS_DIRS.get(), lml_variant)
+            source = (StatsSource if lml_variant == "stats" else DataCovarianceSource).load(path)
+            if found and lml_variant == "stats":  # a data covariance does not depend on the weights
+                _check_fingerprint(source, path)
             self.lml_stats_path, self._lml_stats_found = path, found
-            # radial="keep": data-averaged statistics are not the network's local Jacobian along x; excluding the
-            # radial part made the step much worse on the exact oracles and changed nothing on the embedded
-            # MNIST DDPM, keeping it was slightly better there (hessdiff bench lml, stats8-ad vs stats8-ad-perp)
-            self._hstep = HessianStepCorrection(stats, adaptive=True, precision="float64", radial="keep")
-        elif lml_variant == "cov":
-            path, found = _find_stats(lml_stats, _STATS_DIRS.get(), "cov")
-            cov = DataCovarianceSource.load(path)
-            self.lml_stats_path, self._lml_stats_found = path, found
-            # the data covariance is exact for Gaussian data at every noise level and needs no network evaluation;
-            # on the embedded Fashion-MNIST model it beat the base solvers at NFE 5-10 (BENCHMARKS.md)
-            self._hstep = HessianStepCorrection(cov, adaptive=True, precision="float64", radial="keep")
+            # radial="keep": data-averaged statistics and the data covariance are not the network's local Jacobian
+            # along x; excluding the radial part made the step much worse on the exact oracles (hessdiff bench lml,
+            # stats8-ad vs stats8-ad-perp). The covariance needs no network evaluation and is exact for Gaussian
+            # data; on the embedded Fashion-MNIST model it beat the best base solver at NFE 5 beyond the seed
+            # spread, and by less than the spread at NFE 8-10 (BENCHMARKS.md)
+            self._hstep = HessianStepCorrection(source, adaptive=True, precision="float64", radial="keep")
         self._lml_reset_counts()
 
     def _lml_reset_counts(self) -> None:
