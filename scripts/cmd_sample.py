@@ -128,11 +128,12 @@ def _stats_correction(model: Any, opts: dict[str, Any], kind: str = "stats") -> 
     data covariance, as the drop-ins' ``lml_variant="stats"`` / ``"cov"`` (gain-ratio damping, float64, radial
     part kept). The file: ``--lml-option stats=PATH``, else ``lml_stats.safetensors`` / ``lml_cov.safetensors``
     in the model's folder."""
+    from hessdiff.samplers.diffusers.schedulers import LML_VARIANT_FILES
     from hessdiff.samplers.lml import HessianStepCorrection
     from hessdiff.samplers.lml.curvature import DataCovarianceSource, StatsSource
-    from hessdiff.samplers.models import LML_COV_FILE, LML_STATS_FILE, ModelLoadError, _resolve_local
+    from hessdiff.samplers.models import ModelLoadError, _resolve_local
 
-    name = LML_STATS_FILE if kind == "stats" else LML_COV_FILE
+    name, command = LML_VARIANT_FILES[kind]
     opts = dict(opts)
     given = opts.pop("stats", None)
     if given is not None:
@@ -145,10 +146,8 @@ def _stats_correction(model: Any, opts: dict[str, Any], kind: str = "stats") -> 
         path = folder / name if folder is not None else Path(name)
     what = "LML statistics" if kind == "stats" else "data covariance"
     if not path.is_file():
-        src = model.source or "MODEL"
-        flag = "" if kind == "stats" else " --covariance"
         cost = "minutes to an hour on a CPU" if kind == "stats" else "seconds"
-        raise CLIError(f"no {what} at {path}: compute it with `python -m hessdiff.scripts.lml_stats {src}{flag}` "
+        raise CLIError(f"no {what} at {path}: compute it with `{command.replace('MODEL', model.source or 'MODEL')}` "
                        f"({cost}) or give a file with --lml-option stats=PATH")
     try:
         source = (StatsSource if kind == "stats" else DataCovarianceSource).load(path)

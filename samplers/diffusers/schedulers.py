@@ -137,6 +137,7 @@ __all__ = [
     "SATURATED",
     "LML_STATS_FILE",
     "LML_COV_FILE",
+    "LML_VARIANT_FILES",
     "LMLStatsNotFoundError",
 ]
 
@@ -151,7 +152,7 @@ LML_VARIANTS = ("published", "secant", "stats", "cov")
 #: variant -> (default file name, the lml_stats command that writes it): the statistics file of
 #: ``lml_variant="stats"`` and the data-covariance file of ``"cov"``, looked for next to the scheduler config or
 #: in its parent folder
-_VARIANT_FILES = {"stats": (LML_STATS_FILE, "python -m hessdiff.scripts.lml_stats MODEL"),
+LML_VARIANT_FILES = {"stats": (LML_STATS_FILE, "python -m hessdiff.scripts.lml_stats MODEL"),
                   "cov": (LML_COV_FILE, "python -m hessdiff.scripts.lml_stats MODEL --covariance")}
 
 #: folders ``from_pretrained`` is loading from (the scheduler's, then its parent), seen by ``__init__``
@@ -180,7 +181,7 @@ def _stats_dirs(path: Any, subfolder: str | None) -> tuple[Path, ...]:
 def _find_stats(lml_stats: Any, dirs: tuple[Path, ...], variant: str = "stats") -> tuple[Path, bool]:
     """``(path, found)``: the file of ``lml_variant`` ``variant`` (``"stats"``: the statistics file, ``"cov"``:
     the data covariance; ``found``: located in ``dirs`` rather than given)."""
-    name, command = _VARIANT_FILES[variant]
+    name, command = LML_VARIANT_FILES[variant]
     what_file = "statistics file" if variant == "stats" else "data-covariance file"
     if lml_stats is not None and str(lml_stats) != "":
         p = Path(lml_stats).expanduser()
