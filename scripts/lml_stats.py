@@ -259,11 +259,8 @@ def run(args: argparse.Namespace) -> int:
         model.to(device)
     images, data_desc = training_data(args.model, folder, args.data)
     if cov:
-        return _write_covariance(args, model, folder, images, data_desc, out, device, t0, log)
-    if args.images > images.shape[0]:
-        raise CLIError(f"--images {args.images}: only {images.shape[0]} training images")
-    pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(args.seed))[: args.images]
-    images = images[pick.sort().values]
+        return _write_covariance(args, model, images, data_desc, out, device, t0, log)
+    images = _pick_images(images, args.images, args.seed)
     fingerprint = model_fingerprint(folder) if folder is not None else ""
     if log:
         log(f"lml_stats: {args.model} ({data_desc}); {args.images} images, rank {args.rank}, {args.levels} levels, "
@@ -274,8 +271,6 @@ def run(args: argparse.Namespace) -> int:
                                 oversample=args.oversample, iterations=args.iterations, batch_size=args.batch_size,
                                 fd_step=None if args.jvp else args.fd_step, device=device, log=log)
     wall, compute = time.perf_counter() - t0, time.perf_counter() - t1
-    import hessdiff
-
     sched_cfg = {k: v for k, v in dict(model.scheduler.config).items() if not k.startswith("_")}
     meta = {
         "format": STATS_FORMAT, "model": str(args.model), "model_fingerprint": fingerprint,
@@ -285,14 +280,10 @@ def run(args: argparse.Namespace) -> int:
         "method": "jvp" if args.jvp else f"central-difference:{args.fd_step:g}",
         "data": data_desc, "time_s": f"{wall:.1f}", "compute_s": f"{compute:.1f}",
         "threads": str(torch.get_num_threads()),
-        "device": str(device), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "hessdiff_version": str(getattr(hessdiff, "__version__", "")), "torch_version": torch.__version__,
+        "device": str(device), **_provenance(),
         "scheduler": json.dumps(sched_cfg, sort_keys=True, default=str), **info,
     }
-    try:
-        stats.save(out, overwrite=args.overwrite, metadata=meta)
-    except FileExistsError as exc:
-        raise CLIError(f"{out} appeared meanwhile; pass --overwrite to replace it") from exc
+    _save(stats, out, args.overwrite, meta)
     size = out.stat().st_size
     lo, hi = float(stats.rhos.min()), float(stats.rhos.max())
     print(f"wrote {out}: {stats.rhos.numel()} levels (rho {lo:.3g}..{hi:.3g}), rank {stats.rank}, dim {stats.dim}; "
@@ -300,30 +291,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_covariance(args: argparse.Namespace, model: Any, folder: Path | None, images: Tensor, data_desc: str,
-                      out: Path, device: torch.device, t0: float, log: Any) -> int:
+def _pick_images(images: Tensor, n: int, seed: int) -> Tensor:
+    """``n`` of the training images, a seeded choice kept in their order."""
+    if n > images.shape[0]:
+        raise CLIError(f"--images {n}: only {images.shape[0]} training images")
+    pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return images[pick.sort().values]
+
+
+def _provenance() -> dict[str, str]:
+    import hessdiff
+
+    return {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "hessdiff_version": str(getattr(hessdiff, "__version__", "")), "torch_version": torch.__version__}
+
+
+def _save(source: Any, out: Path, overwrite: bool, meta: dict[str, str]) -> None:
+    try:
+        source.save(out, overwrite=overwrite, metadata=meta)
+    except FileExistsError as exc:
+        raise CLIError(f"{out} appeared meanwhile; pass --overwrite to replace it") from exc
+
+
+def _write_covariance(args: argparse.Namespace, model: Any, images: Tensor, data_desc: str, out: Path,
+                      device: torch.device, t0: float, log: Any) -> int:
     """``--covariance``: the PCA of the training images in the model's space (latents for a latent model)."""
     from hessdiff.samplers.lml.curvature import DataCovarianceSource
 
-    n = min(args.images or 1024, images.shape[0])
-    if args.images is not None and args.images > images.shape[0]:
-        raise CLIError(f"--images {args.images}: only {images.shape[0]} training images")
-    pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(args.seed))[:n]
-    x = _model_space(model, images[pick.sort().values], args.batch_size, device).cpu()
+    n = args.images if args.images is not None else min(1024, images.shape[0])
+    x = _model_space(model, _pick_images(images, n, args.seed), args.batch_size, device).cpu()
     src = DataCovarianceSource.from_data(x, rank=min(args.rank, int(x[0].numel())))
     if log:
         log(f"lml_stats --covariance: {args.model} ({data_desc}); {n} images, rank {int(src.c.numel())}, "
             f"dim {src.dim}")
-    import hessdiff
-
     meta = {"format": COV_FORMAT, "model": str(args.model), "rank": str(int(src.c.numel())), "images": str(n),
             "seed": str(args.seed), "data": data_desc, "space": "latent" if model.is_latent else "pixel",
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "hessdiff_version": str(getattr(hessdiff, "__version__", "")), "torch_version": torch.__version__}
-    try:
-        src.save(out, overwrite=args.overwrite, metadata=meta)
-    except FileExistsError as exc:
-        raise CLIError(f"{out} appeared meanwhile; pass --overwrite to replace it") from exc
+            **_provenance()}
+    _save(src, out, args.overwrite, meta)
     size = out.stat().st_size
     print(f"wrote {out}: data covariance of {n} images, rank {int(src.c.numel())}, dim {src.dim}, rest variance "
           f"{src.c0:.3g}; {size} bytes ({size / 1024:.1f} KiB); {time.perf_counter() - t0:.1f} s")
