@@ -577,13 +577,22 @@ def test_every_case_is_stored(golden):
 
 if __name__ == "__main__":
     if "--write" not in sys.argv:
-        sys.exit("usage: python tests/test_golden.py --write   (records the current outputs)")
+        sys.exit("usage: python tests/test_golden.py --write [--only PREFIX ...]   (records the current outputs;"
+                 " --only rewrites the cases whose names start with a PREFIX, e.g. mnist/ cli/ after an embedded"
+                 " model was retrained, and keeps every other case as stored)")
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).parent))
-    results = {}
+    prefixes = tuple(sys.argv[sys.argv.index("--only") + 1:]) if "--only" in sys.argv else ()
+    old = torch.load(GOLDEN) if prefixes else {"cases": {}}
+    if prefixes and old["machine"] != _machine():
+        sys.exit(f"--only: this machine {_machine()} is not the one that wrote {GOLDEN} ({old['machine']});"
+                 " rewrite every case instead")
+    results = dict(old["cases"])
     with tempfile.TemporaryDirectory() as d:
         for nm in sorted(CASES) + sorted(CLI_CASES):
+            if prefixes and not nm.startswith(prefixes):
+                continue
             results[nm] = {k: v.detach().cpu().clone() for k, v in _run(nm, Path(d)).items()}
             print(nm, {k: tuple(v.shape) for k, v in results[nm].items()}, flush=True)
     GOLDEN.parent.mkdir(exist_ok=True)

@@ -45,7 +45,7 @@ def test_readme_python_example_runs(index, monkeypatch):
 
 
 def test_readme_restore_example_matches_the_cli(monkeypatch):
-    """The Python restore example gives the documented main-job figure (the CLI's 18.87 dB)."""
+    """The Python restore example gives the documented main-job figure (the CLI's 18.58 dB)."""
     monkeypatch.chdir(ROOT)
     from hessdiff.eval.metrics import psnr
 
@@ -55,7 +55,7 @@ def test_readme_restore_example_matches_the_cli(monkeypatch):
     res = hessdiff.restore(model, m, seed=0)
     assert res.steps == 50 and res.options == {"zeta": 2.0, "ddim_eta": 1.0}
     value = float(psnr(res.restored.repeat(1, 3, 1, 1), x.repeat(1, 3, 1, 1))[0])
-    assert value == pytest.approx(18.866, abs=0.01)
+    assert value == pytest.approx(18.576, abs=0.01)
 
 
 def test_latent_restore_runs_without_transformers(tmp_path):

@@ -149,18 +149,21 @@ def test_pixel_ddpm_shapes_and_forward(ddpm, test_digits):
     assert not ddpm.is_latent and ddpm.vae is None
     assert (ddpm.resolution, ddpm.channels, ddpm.sample_shape) == (32, 1, (1, 32, 32))
     cfg = ddpm.scheduler.config
-    assert (cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type) == (1000, "linear", "epsilon")
-    assert (cfg.beta_start, cfg.beta_end) == (1e-4, 0.02)
-    # the trained network predicts the noise of a noised held-out digit far better than chance (MSE 1)
+    # recipe v2: v-prediction on the cosine schedule
+    assert (cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type) == (1000, "squaredcos_cap_v2",
+                                                                                 "v_prediction")
+    # the trained network predicts v = alpha eps - sigma x0 of a noised held-out digit far better than
+    # chance (E|v|^2 is about 1)
     x0 = test_digits[0][:8]
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(x0.shape, generator=g)
     t = torch.full((8,), 300)
     abar = ddpm.scheduler.alphas_cumprod[300]
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
     with torch.no_grad():
-        pred = ddpm.unet(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t).sample
+        pred = ddpm.unet(alpha * x0 + sigma * eps, t).sample
     assert pred.shape == x0.shape
-    assert (pred - eps).pow(2).mean() < 0.1
+    assert (pred - (alpha * eps - sigma * x0)).pow(2).mean() < 0.1
 
 
 def test_latent_model_shapes_and_roundtrip(ldm, test_digits):
