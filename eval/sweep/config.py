@@ -90,13 +90,21 @@ __all__ = [
     "canonical_json",
     "config_hash",
     "EMBEDDED_DATA",
+    "TUNE_SIZE",
     "FEATURE_CHOICES",
 ]
 
 EMBEDDED_DATA = {"mnist-test": "the 500 held-out MNIST digits shipped with hessdiff (1x32x32, class-balanced order)",
                  "fashion-test": "the 1,000 held-out Fashion-MNIST images shipped with hessdiff (1x32x32, "
-                                 "class-balanced order)"}
-"""Data sets shipped with hessdiff, usable as ``[data] embedded = NAME`` or ``reference = "embedded:NAME"``."""
+                                 "class-balanced order)",
+                 "mnist-tune": "the last 100 of the mnist-test digits (10 per class), kept for tuning",
+                 "fashion-tune": "the last 200 of the fashion-test images (20 per class), kept for tuning"}
+"""Data sets shipped with hessdiff, usable as ``[data] embedded = NAME`` or ``reference = "embedded:NAME"``.
+The ``*-tune`` sets are the tail of the class-balanced order: a sweep that reports on ``*-test`` with
+``first_n`` ≤ 400 (MNIST) / ≤ 800 (Fashion-MNIST) never sees a digit that settings were tuned on."""
+
+#: family -> number of held-out images at the end of the class-balanced order kept for tuning
+TUNE_SIZE = {"mnist": 100, "fashion": 200}
 
 FEATURE_CHOICES = ("auto", "domain", "domain-fashion", "inception", "pixels", "none")
 """``[metrics] features`` values: ``domain`` = the embedded MNIST classifier's 128-d features,

@@ -98,7 +98,12 @@ class _ImageSet:
         else:
             from hessdiff.samplers.models import embedded_dataset
 
-            x = embedded_dataset("test", family=embedded.split("-", 1)[0])
+            from .config import TUNE_SIZE
+
+            family, part = embedded.split("-", 1)
+            x = embedded_dataset("test", family=family)
+            if part == "tune":
+                x = x[x.shape[0] - TUNE_SIZE[family]:]
             if first_n is not None:
                 if first_n > x.shape[0]:
                     raise ValueError(f"first_n={first_n} but embedded:{embedded} has only {x.shape[0]} images")

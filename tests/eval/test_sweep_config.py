@@ -243,3 +243,23 @@ def test_fashion_sweeps_get_fashion_data_and_fashion_domain_features():
     assert feats.shape == (1, 128) and bool(torch.isfinite(torch.as_tensor(feats)).all())
     mnist = parse_config({**raw, "models": [{"name": "mnist"}], "data": {"embedded": "mnist-test"}}, name="m.toml")
     assert mnist.metrics.features == "domain"
+
+
+@pytest.mark.parametrize("family, n_test, n_tune", [("mnist", 500, 100), ("fashion", 1000, 200)])
+def test_tune_sets_are_the_balanced_tail_disjoint_from_reported_first_n(family, n_test, n_tune):
+    from hessdiff.eval.sweep.images import _ImageSet
+    from hessdiff.samplers.models import embedded_dataset
+
+    x, labels = embedded_dataset("test", family=family, with_labels=True)
+    assert x.shape[0] == n_test
+    tune = _ImageSet("data", embedded=f"{family}-tune")
+    assert len(tune) == n_tune
+    first = _ImageSet("data", embedded=f"{family}-test", first_n=n_test - n_tune)
+    assert not set(tune.content) & set(first.content)  # no tuning image among the reportable ones
+    assert torch.equal(tune.load(0, (32, 32))[0], ((x[n_test - n_tune, 0] + 1) * 127.5).round().to(torch.uint8))
+    counts = torch.bincount(labels[n_test - n_tune:], minlength=10)
+    assert counts.tolist() == [n_tune // 10] * 10  # class-balanced
+    cfg = parse_config({"sweep": {"name": "t"}, "models": [{"name": family}],
+                        "data": {"embedded": f"{family}-tune", "first_n": 10},
+                        "tasks": [{"name": "denoising"}], "methods": [{"name": "pinv"}]}, name="t.toml")
+    assert cfg.data.embedded == f"{family}-tune"
