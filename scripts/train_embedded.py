@@ -1206,6 +1206,9 @@ Measured with `{cmd.format(stages=('export ' if prov else '') + 'eval cards')} -
                     f"(PSNR {rec['psnr_db']:.1f} dB), domain FID of the reconstructions "
                     f"{rec['domain_fid_vs_test']:.2f} — the floor of any latent sample "
                     "(`vae_reconstructions.png`: originals, then reconstructions).") if rec else "(not evaluated yet)"
+        vae_note = ("\nThe MNIST VAE is the one trained with the recipe-v1 latent model (the `vae` stage does not "
+                    "depend on the recipe); recipe v2 retrained only the latent UNet "
+                    f"(`{cmd.format(stages='ldm eval cards')}`).\n" if fam == "mnist" else "")
         (d / "README.md").write_text(f"""# hessdiff/{fam}-ldm — latent diffusion model on {title}
 
 `load_model("{fam}-ldm")` or `load_model("hessdiff/{fam}-ldm")` (offline): a VAE (`vae/`, diffusers
@@ -1220,7 +1223,7 @@ Measured with `{cmd.format(stages=('export ' if prov else '') + 'eval cards')} -
 {vlg['lr']}, loss {vlg['loss']} (kl_weight {vlg['kl_weight']}); final L1 {vlg['final_l1_last100']:.4f}, KL
 {vlg['final_kl_last100']:.2f}; {_time_text(vlg)}. `scaling_factor` = 1 / latent std = {vlg['scaling_factor']:.4f}.
 {rec_text}
-
+{vae_note}
 ![VAE losses](vae_loss_curve.png)
 
 **Latent UNet (recipe v2).** `UNet2DModel` {json.dumps(ucfg)};

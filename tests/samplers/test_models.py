@@ -173,7 +173,7 @@ def test_latent_model_shapes_and_roundtrip(ldm, test_digits):
     assert (ldm.resolution, ldm.channels) == (32, 1)
     assert ldm.sample_shape == (4, 8, 8)
     assert ldm.vae_scaling_factor == pytest.approx(ldm.vae.config.scaling_factor) and ldm.vae_scaling_factor > 0
-    assert ldm.scheduler.config.prediction_type == "epsilon"
+    assert ldm.scheduler.config.prediction_type == "v_prediction"  # recipe v2 (recipe v1: "epsilon")
     x = test_digits[0][:16]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -181,7 +181,9 @@ def test_latent_model_shapes_and_roundtrip(ldm, test_digits):
         rec = ldm.decode(z)
         eps = torch.randn(z.shape, generator=g)
         abar = ldm.scheduler.alphas_cumprod[300]
-        pred = ldm.unet(abar.sqrt() * z + (1 - abar).sqrt() * eps, torch.full((16,), 300)).sample
+        zt = abar.sqrt() * z + (1 - abar).sqrt() * eps
+        v = ldm.unet(zt, torch.full((16,), 300)).sample
+        pred = abar.sqrt() * v + (1 - abar).sqrt() * zt  # the noise implied by the v prediction
     assert z.shape == (16, 4, 8, 8) and rec.shape == x.shape and pred.shape == z.shape
     # scaled latents have roughly unit spread; reconstructions are close to the digits; the latent
     # UNet predicts the noise of noised held-out latents far better than chance (MSE 1)
