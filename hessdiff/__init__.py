@@ -12,7 +12,8 @@ The public API (imported lazily, so ``import hessdiff`` is cheap):
   :func:`method_defaults`;
 * LML: :class:`LMLCorrection`, :class:`HessianStepCorrection` (solver corrections) and the diffusers
   drop-ins :class:`LMLDDIMScheduler`, :class:`LMLDPMSolverMultistepScheduler`,
-  :class:`LMLFlowMatchEulerDiscreteScheduler`, :class:`PosteriorSamplingPipeline`;
+  :class:`LMLFlowMatchEulerDiscreteScheduler`, :class:`LMLUniPCMultistepScheduler`,
+  :class:`PosteriorSamplingPipeline`;
 * models and oracles: :func:`load_model`, :func:`model_from_pipeline`, :func:`embedded_model_path`,
   :class:`GaussianMixture`, :class:`GMMDenoiser`;
 * tasks: :func:`make_task`, :data:`TASKS`; image files: :func:`load_image`.
@@ -71,6 +72,7 @@ _EXPORTS: dict[str, str] = {
     "LMLDDIMScheduler": "hessdiff.samplers.diffusers.schedulers",
     "LMLDPMSolverMultistepScheduler": "hessdiff.samplers.diffusers.schedulers",
     "LMLFlowMatchEulerDiscreteScheduler": "hessdiff.samplers.diffusers.schedulers",
+    "LMLUniPCMultistepScheduler": "hessdiff.samplers.diffusers.schedulers",
     "lml_scheduler_from": "hessdiff.samplers.diffusers.schedulers",
     "PosteriorSamplingPipeline": "hessdiff.samplers.diffusers.pipeline",
     # models, oracles, tasks

@@ -1,6 +1,6 @@
 """diffusers drop-in schedulers with the published LML correction.
 
-Three subclasses of diffusers' own schedulers; the correction math lives in
+Four subclasses of diffusers' own schedulers; the correction math lives in
 :func:`hessdiff.samplers.lml.lm_correct` and nothing of diffusers' solver code is copied:
 
 * :class:`LMLDDIMScheduler` (``DDIMScheduler``): the noise estimate of the direction term is
@@ -14,6 +14,12 @@ Three subclasses of diffusers' own schedulers; the correction math lives in
   ``base + LML(increment)``, the released arithmetic.
 * :class:`LMLFlowMatchEulerDiscreteScheduler` (``FlowMatchEulerDiscreteScheduler``): the velocity
   is corrected before the stock ``step``, ``x_next = x + dt LML(v)``.
+* :class:`LMLUniPCMultistepScheduler` (``UniPCMultistepScheduler``, ``bh1`` / ``bh2``, orders 1--3, data
+  or noise prediction): the predictor (UniP) is split like DPM-Solver's update, once with a zero history
+  (the exact ``(sigma_t/sigma_s) x`` or ``(alpha_t/alpha_s) x``) and once with a zero sample (the
+  increment), and the increment is corrected; the corrector (UniC) runs unchanged -- what
+  :class:`hessdiff.samplers.solvers.UniPC` does with a correction. With ``lml_variant="cov"`` this is the
+  best measured zero-NFE method on the embedded pixel models at NFE 5 (BENCHMARKS.md: ``unipc-2+cov-ad``).
 
 Each adds these config entries, registered through diffusers' ``register_to_config`` so that
 ``LMLDDIMScheduler.from_config(pipe.scheduler.config, lamb=1e-3)``, ``save_pretrained`` /
@@ -114,6 +120,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     SchedulerMixin,  # noqa: F401
+    UniPCMultistepScheduler,
 )
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor
@@ -129,6 +136,7 @@ __all__ = [
     "LMLDDIMScheduler",
     "LMLDPMSolverMultistepScheduler",
     "LMLFlowMatchEulerDiscreteScheduler",
+    "LMLUniPCMultistepScheduler",
     "LML_SCHEDULERS",
     "lml_scheduler_from",
     "LML_CONFIG_DEFAULTS",
@@ -616,11 +624,80 @@ class LMLFlowMatchEulerDiscreteScheduler(_LMLMixin, FlowMatchEulerDiscreteSchedu
         return out
 
 
+class LMLUniPCMultistepScheduler(_LMLMixin, UniPCMultistepScheduler):
+    """``UniPCMultistepScheduler`` with the LML correction of the predictor's increment (see module doc).
+
+    ``solver_type`` ``"bh1"`` / ``"bh2"``, ``solver_order`` 1--3, ``predict_x0`` true or false,
+    ``disable_corrector``, ``lower_order_final``; not with ``solver_p`` (another scheduler as the predictor,
+    whose step is not UniP). The corrector (UniC) is not corrected. The Gaussian-step variants
+    (``"secant"``, ``"stats"``, ``"cov"``) read ``x0_hat`` and the noise estimate at the evaluated
+    (uncorrected) sample and the step from the corrected one, as :class:`hessdiff.samplers.solvers.UniPC`.
+
+    Zero terminal SNR: as :class:`LMLDPMSolverMultistepScheduler` (``set_timesteps`` warns with the published
+    float32 map; saturated samples take the stock step, counted in :attr:`lml_saturated_count`).
+    """
+
+    __init__ = _lml_init(UniPCMultistepScheduler, LML_CONFIG_DEFAULTS)
+
+    def _lml_setup(self, lamb: float, kappa: float, precision: str, lml_variant: str = "published",
+                   saturated: str = "keep", lml_stats: Any = None) -> None:
+        if getattr(self, "solver_p", None) is not None:
+            raise ValueError("LMLUniPCMultistepScheduler: solver_p replaces the UniP predictor that the LML "
+                             "correction acts on; use it without solver_p")
+        super()._lml_setup(lamb, kappa, precision, lml_variant, saturated, lml_stats)
+        self._lml_raw_sample: Tensor | None = None
+
+    def _lml_first_alphas_cumprod(self) -> float | None:
+        if self.config.get("use_flow_sigmas", False):
+            return None
+        alpha, _ = self._sigma_to_alpha_sigma_t(self.sigmas[0])
+        return float(alpha) ** 2
+
+    def step(self, model_output: Tensor, timestep: Any, sample: Tensor, *args: Any, generator: Any = None,
+             **kwargs: Any) -> Any:
+        # ``generator`` is accepted and unused (UniPC is deterministic), so that pipelines which pass one to every
+        # scheduler, such as DDPMPipeline, run with it (the stock UniPCMultistepScheduler.step rejects it)
+        self._lml_raw_sample = sample  # the evaluated sample, before UniC corrects it
+        try:
+            return super().step(model_output, timestep, sample, *args, **kwargs)
+        finally:
+            self._lml_raw_sample = None
+
+    def multistep_uni_p_bh_update(self, model_output: Tensor, *args: Any, sample: Tensor | None = None,
+                                  order: int | None = None, **kwargs: Any) -> Tensor:
+        fn = super().multistep_uni_p_bh_update
+        if sample is None and len(args) > 1:  # legacy positional (prev_timestep, sample, order)
+            sample, args, order = args[1], args[:1], (args[2] if len(args) > 2 else order)
+        if sample is None:
+            raise ValueError("missing `sample` as a required keyword argument")
+        inc = fn(model_output, *args, sample=torch.zeros_like(sample), order=order, **kwargs)
+        history = self.model_outputs
+        self.model_outputs = [None if m is None else torch.zeros_like(m) for m in history]
+        try:  # a zero history leaves the exact (sigma_t / sigma_s) x or (alpha_t / alpha_s) x
+            base = fn(torch.zeros_like(model_output), *args, sample=sample, order=order, **kwargs)
+        finally:
+            self.model_outputs = history
+        if self._hstep is None:
+            return (base.to(self.lml_dtype) + self._lml_apply(inc)).to(base.dtype)
+        i = int(self.step_index)
+        a_s, s_s = (float(v) for v in self._sigma_to_alpha_sigma_t(self.sigmas[i]))
+        a_t, s_t = (float(v) for v in self._sigma_to_alpha_sigma_t(self.sigmas[i + 1]))
+        m = history[-1].to(torch.float64)
+        raw = (sample if self._lml_raw_sample is None else self._lml_raw_sample).to(torch.float64)
+        if self.predict_x0:
+            x0, eps = m, (raw - a_s * m) / s_s
+        else:
+            x0, eps = (raw - s_s * m) / a_s, m
+        inc_c = self._hessian_step(inc, 1.0, sample.to(torch.float64), x0, eps, a_s, s_s, a_t, s_t)
+        return (base.to(torch.float64) + inc_c).to(base.dtype)
+
+
 #: stock diffusers scheduler class name -> LML drop-in
 LML_SCHEDULERS: dict[str, type] = {
     "DDIMScheduler": LMLDDIMScheduler,
     "DPMSolverMultistepScheduler": LMLDPMSolverMultistepScheduler,
     "FlowMatchEulerDiscreteScheduler": LMLFlowMatchEulerDiscreteScheduler,
+    "UniPCMultistepScheduler": LMLUniPCMultistepScheduler,
 }
 
 

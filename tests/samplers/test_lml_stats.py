@@ -263,3 +263,87 @@ def test_lml_stats_covariance_flag_writes_the_pca_of_training_images(model_dir, 
     torch.testing.assert_close(src.c, ref.c)
     assert src.metadata["images"] == "30" and src.metadata["rank"] == "5" and src.dim == 3 * 8 * 8
     assert LS.main(argv) == 2 and "exists" in capsys.readouterr().err  # never overwritten silently
+
+
+def test_unipc_drop_in_cov_variant_is_the_library_step(model_dir, tmp_path):
+    """``LMLUniPCMultistepScheduler(lml_variant="cov")``: the stock UniPC-2 (bh2) with the library's
+    covariance step on the predictor's increment, i.e. ``hessdiff.samplers.solvers.UniPC`` with that
+    correction (``unipc-2+cov-ad`` of the benchmarks); found next to the model, saved along."""
+    from diffusers import UniPCMultistepScheduler
+
+    from hessdiff.samplers.diffusers.schedulers import LML_COV_FILE, LMLUniPCMultistepScheduler, lml_scheduler_from
+    from hessdiff.samplers.lml import DataCovarianceSource
+    from hessdiff.samplers.solvers import sample_unipc
+
+    _, unet = model_dir
+    data = torch.randn((40, *SHAPE), generator=torch.Generator().manual_seed(5)) * 100
+    (tmp_path / "m").mkdir()
+    cov_file = tmp_path / "m" / LML_COV_FILE
+    DataCovarianceSource.from_data(data, rank=6).save(cov_file, metadata={"format": "hessdiff-lml-cov-v1"})
+    stock_cfg = UniPCMultistepScheduler(**KW).config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        UniPCMultistepScheduler(**KW).save_pretrained(tmp_path / "m" / "scheduler")
+        sched = LMLUniPCMultistepScheduler.from_pretrained(tmp_path / "m", subfolder="scheduler", lml_variant="cov")
+    assert sched.lml_stats_path == cov_file.resolve()
+    x = torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(6))
+    out = _run(sched, unet, x)
+    stock = _run(UniPCMultistepScheduler(**KW), unet, x)
+    den = UNetDenoiser.from_unet_and_scheduler(unet, sched)
+    grid = den.schedule.grid(6, "trailing", style="dpmsolver", final="zero")
+    corr = HessianStepCorrection(DataCovarianceSource.load(cov_file), adaptive=True, precision="float64",
+                                 radial="keep")
+    with torch.no_grad():
+        ref = sample_unipc(den, x, grid, order=2, variant="bh2", correction=corr)
+        ref_stock = sample_unipc(den, x, grid, order=2, variant="bh2")
+    assert float((ref_stock - stock).norm() / stock.norm()) < 1e-5  # the grids agree
+    assert float((out - stock).norm() / stock.norm()) > 1e-3  # the correction acts
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+    sched.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / LML_COV_FILE).is_file()
+    again = lml_scheduler_from(UniPCMultistepScheduler.from_config(stock_cfg))
+    assert isinstance(again, LMLUniPCMultistepScheduler) and again.config.lml_variant == "published"
+
+
+@pytest.mark.parametrize("cfg", [dict(solver_order=2, solver_type="bh2"),
+                                 # noise prediction cannot step to sigma = 0 (the stock scheduler gives NaN there)
+                                 dict(solver_order=3, solver_type="bh1", predict_x0=False,
+                                      final_sigmas_type="sigma_min"),
+                                 dict(solver_order=2, solver_type="bh2", disable_corrector=[0, 1])])
+def test_unipc_drop_in_published_map_is_the_stock_scheduler_in_float64(model_dir, cfg):
+    """The published map with ``kappa = 0`` is the identity in exact arithmetic: in float64 the drop-in's split
+    predictor (zero history + zero sample) reproduces the stock UniPC; in float32 it adds only rounding (about
+    3.4e-8 |g|^2 / lamb per step; the random-init UNet's |g|^2 is ~1e5, so a large lamb keeps it small)."""
+    from diffusers import UniPCMultistepScheduler
+
+    from hessdiff.samplers.diffusers.schedulers import LMLUniPCMultistepScheduler
+
+    _, unet = model_dir
+    kw = {**KW, **cfg}
+    x = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(8))
+    stock = _run(UniPCMultistepScheduler(**kw), unet, x)
+    exact = _run(LMLUniPCMultistepScheduler(**kw, precision="float64"), unet, x)
+    assert float((exact - stock).norm() / stock.norm()) < 1e-6
+    f32 = _run(LMLUniPCMultistepScheduler(**kw, lamb=1e4), unet, x)
+    assert float((f32 - stock).norm() / stock.norm()) < 1e-3  # float32 rounding only
+
+
+def test_unipc_drop_in_finds_the_embedded_models_covariance():
+    """The shipped MNIST pixel model carries lml_cov.safetensors: ``from_pretrained(folder, subfolder=
+    "scheduler", lml_variant="cov")`` on its folder uses it (what BENCHMARKS.md measures as unipc-2+cov-ad)."""
+    from diffusers import UniPCMultistepScheduler
+
+    import hessdiff
+    from hessdiff.samplers.diffusers.schedulers import LML_COV_FILE, LMLUniPCMultistepScheduler
+
+    root = hessdiff.embedded_model_path("mnist")
+    kw = dict(timestep_spacing="trailing", solver_order=2)
+    sched = LMLUniPCMultistepScheduler.from_pretrained(root, subfolder="scheduler", lml_variant="cov", **kw)
+    assert sched.lml_stats_path == (root / LML_COV_FILE).resolve()
+    unet = UNet2DModel.from_pretrained(root, subfolder="unet").eval()
+    x = torch.randn((2, 1, 32, 32), generator=torch.Generator().manual_seed(0))
+    out = _run(sched, unet, x, n=5)
+    stock = _run(UniPCMultistepScheduler.from_pretrained(root, subfolder="scheduler", **kw), unet, x, n=5)
+    assert 1e-3 < float((out - stock).norm() / stock.norm()) < 0.5
+    with pytest.raises(ValueError, match="solver_p"):
+        LMLUniPCMultistepScheduler(**kw, solver_p=UniPCMultistepScheduler(**kw))
