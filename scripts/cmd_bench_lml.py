@@ -52,7 +52,8 @@ def register_lml(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--nfe", type=int, nargs="+", help=f"NFE budgets (default {FULL['nfe']})")
     g.add_argument("--seeds", type=int, help=f"number of seeds (default {FULL['seeds']})")
     g.add_argument("--first-seed", type=int, default=0,
-                   help="seeds are first-seed .. first-seed + N - 1 (to split a long run; default 0)")
+                   help="seeds are first-seed .. first-seed + N - 1 (to split a long run, or, in the embedded "
+                        "part, to tune on other start noises than the reported ones; default 0)")
     g.add_argument("--n-samples", type=int, help=f"draws per run (default {FULL['n_samples']})")
     g.add_argument("--dims", type=int, nargs="*", help=f"grid-mixture dimensions (default {FULL['dims']})")
     g.add_argument("--gaussian-dim", type=int, help=f"CIFAR-like Gaussian dimension, 0 to skip "
@@ -299,6 +300,7 @@ def run_lml(args: argparse.Namespace) -> int:
             asked = set(args.embedded_methods) if args.embedded_methods else None  # not the bases of the triples
             rows = BL.embedded_rows(args.models, args.embedded_nfe, args.embedded_samples,
                                     reference_steps=args.reference_steps, spacing=args.spacing,
+                                    first_seed=args.first_seed,
                                     bases=emb_bases, triples=emb_triples, blocks=args.embedded_blocks,
                                     reference_blocks=args.reference_blocks, on_row=on_emb,
                                     skip=lambda m, k, n: (m, k, n) in done or (asked is not None and k not in asked))
@@ -339,7 +341,7 @@ def _complete_cells(path: str, args: argparse.Namespace) -> set[tuple[str, str, 
     p = Path(path)
     if not p.exists():
         return set()
-    want = {"n_samples": args.embedded_samples, "blocks": args.embedded_blocks, "first_seed": 0,
+    want = {"n_samples": args.embedded_samples, "blocks": args.embedded_blocks, "first_seed": args.first_seed,
             "spacing": args.spacing, "reference_steps": args.reference_steps}
     seen: dict[tuple[str, str, int], set[Any]] = {}
     for line in p.read_text(encoding="utf-8").splitlines():

@@ -295,6 +295,10 @@ VARIANTS: dict[str, Variant] = {
                       "on the rest), gain-ratio damping",
                       model_correction=lambda den, nfe, seed, d: HessianStepCorrection(
                           _oracle_cov(den), adaptive=True, radial="keep")),
+    "cov128-ad": Variant("data covariance of rank 128 (zero NFE, model-free: rank 128 PCA of the same 1024 data "
+                         "draws, the mean variance on the rest), gain-ratio damping",
+                         model_correction=lambda den, nfe, seed, d: HessianStepCorrection(
+                             _oracle_cov(den, 128), adaptive=True, radial="keep")),
     "sec1-cov-ad": Variant("gated (zero NFE): secant curvature below rho = sigma / alpha = 1, data covariance "
                            "above, gain-ratio damping",
                            model_correction=lambda den, nfe, seed, d: HessianStepCorrection(

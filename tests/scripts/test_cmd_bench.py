@@ -118,3 +118,20 @@ def test_low_nfe_solvers_by_name(tmp_path, capsys):
     w2 = {r["method"]: r["value"] for r in rows if r["metric"] == "w2" and r["problem"].startswith("gauss")}
     assert w2["ipndm-4"] < 0.8 * w2["ddim"] and w2["deis-3"] < w2["ddim"], w2
     assert "| ipndm-4 |" in capsys.readouterr().out
+
+
+def test_embedded_resume_cells_are_those_of_the_same_first_seed(tmp_path):
+    """``--first-seed`` moves the embedded part's start noises (tuning on other noises than the reported ones);
+    a resumed run counts a cell complete only for the first seed it was run with."""
+    import argparse
+
+    from hessdiff.scripts.cmd_bench_lml import _complete_cells
+
+    rows = tmp_path / "rows.jsonl"
+    row = {"part": "embedded", "model": "mnist", "method": "unipc-2", "nfe": 5, "n_samples": 8, "blocks": 1,
+           "block": 0, "first_seed": 0, "spacing": "trailing", "reference_steps": 20, "fid": 1.0}
+    rows.write_text(json.dumps(row) + "\n")
+    args = argparse.Namespace(embedded_samples=8, embedded_blocks=1, first_seed=0, spacing="trailing",
+                              reference_steps=20)
+    assert _complete_cells(str(rows), args) == {("mnist", "unipc-2", 5)}
+    assert _complete_cells(str(rows), argparse.Namespace(**{**vars(args), "first_seed": 1000})) == set()
