@@ -46,19 +46,14 @@ TASKS = {  # the mnist-mmps sweep's tasks (assets/sweeps/mnist-mmps.toml)
 }
 
 
-def _t95(n: int) -> float:
-    table = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 8: 2.36, 10: 2.26, 15: 2.14, 20: 2.09, 30: 2.05}
-    if n < 2:
-        return float("nan")
-    return table.get(n, table[min(table, key=lambda k: abs(k - n))] if n < 30 else 1.96)
-
-
 def ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % Student-t interval."""
+    """Mean and the half-width of its 95 % Student-t interval (the sweeps' ``--compare`` quantiles)."""
+    from hessdiff.eval.sweep.compare import _t975
+
     m = statistics.fmean(values)
     if len(values) < 2:
         return m, float("nan")
-    return m, _t95(len(values)) * statistics.stdev(values) / math.sqrt(len(values))
+    return m, _t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def parse_method(spec: str) -> tuple[str, int, dict]:
@@ -94,8 +89,10 @@ def images(which: str, n: int, family: str) -> tuple[torch.Tensor, list[int]]:
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR (dB) of ``x`` against ``ref``, both on [-1, 1] (= 10 log10(1 / mse) on [0, 1], as the sweeps)."""
-    return float(10 * torch.log10(4.0 / (x - ref).square().mean()))
+    """The sweeps' PSNR (dB; :func:`hessdiff.eval.metrics.paired.psnr`) of one grey image ``x`` against ``ref``."""
+    from hessdiff.eval.metrics.paired import psnr as paired_psnr
+
+    return float(paired_psnr(x.expand(-1, 3, -1, -1), ref.expand(-1, 3, -1, -1))[0])
 
 
 def run(args: argparse.Namespace) -> list[dict]:
