@@ -410,6 +410,33 @@ class _LMLMixin:
         """``alphas_cumprod`` at the first timestep of the grid (``None`` where not defined)."""
         return None
 
+    def _lml_sigmas_first_alphas_cumprod(self) -> float | None:
+        """:meth:`_lml_first_alphas_cumprod` of the multistep schedulers' ``sigmas`` grid (none for flow sigmas)."""
+        if self.config.get("use_flow_sigmas", False):
+            return None
+        alpha, _ = self._sigma_to_alpha_sigma_t(self.sigmas[0])
+        return float(alpha) ** 2
+
+    def _lml_multistep_update(self, base: Tensor, inc: Tensor, sample: Tensor, m: Tensor, data_prediction: bool,
+                              evaluated: Tensor | None = None) -> Tensor:
+        """``base + correction(inc)`` for a multistep update from ``sigmas[step_index]``: the published map of
+        ``inc``, or the Gaussian step with ``x0_hat`` / the noise estimate from the converted model output ``m``
+        (data or noise prediction) at the ``evaluated`` sample (default ``sample``), in float64."""
+        if self._hstep is None:
+            return (base.to(self.lml_dtype) + self._lml_apply(inc)).to(base.dtype)
+        i = int(self.step_index)
+        a_s, s_s = (float(v) for v in self._sigma_to_alpha_sigma_t(self.sigmas[i]))
+        a_t, s_t = (float(v) for v in self._sigma_to_alpha_sigma_t(self.sigmas[i + 1]))
+        m = m.to(torch.float64)
+        x = sample.to(torch.float64)
+        xe = x if evaluated is None else evaluated.to(torch.float64)
+        if data_prediction:
+            x0, eps = m, (xe - a_s * m) / s_s
+        else:
+            x0, eps = (xe - s_s * m) / a_s, m
+        inc_c = self._hessian_step(inc, 1.0, x, x0, eps, a_s, s_s, a_t, s_t)
+        return (base.to(torch.float64) + inc_c).to(base.dtype)
+
     def _lml_check_zero_snr(self) -> None:
         if self._hstep is not None or self._lml.precision != "float32":
             return
@@ -543,10 +570,7 @@ class LMLDPMSolverMultistepScheduler(_LMLMixin, DPMSolverMultistepScheduler):
         super()._lml_setup(lamb, kappa, precision, lml_variant, saturated, lml_stats)
 
     def _lml_first_alphas_cumprod(self) -> float | None:
-        if self.config.get("use_flow_sigmas", False):
-            return None
-        alpha, _ = self._sigma_to_alpha_sigma_t(self.sigmas[0])
-        return float(alpha) ** 2
+        return self._lml_sigmas_first_alphas_cumprod()
 
     def _lml_split(self, fn: Callable[..., Tensor], outputs: Any, args: tuple, sample: Tensor | None,
                    noise: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
@@ -560,19 +584,8 @@ class LMLDPMSolverMultistepScheduler(_LMLMixin, DPMSolverMultistepScheduler):
             zeros = torch.zeros_like(outputs)
         base = fn(zeros, *args, sample=sample, noise=noise, **dict(kwargs))
         inc = fn(outputs, *args, sample=torch.zeros_like(sample), noise=noise, **dict(kwargs))
-        if self._hstep is None:
-            return (base.to(self.lml_dtype) + self._lml_apply(inc)).to(base.dtype)
-        i = int(self.step_index)
-        a_s, s_s = (float(v) for v in self._sigma_to_alpha_sigma_t(self.sigmas[i]))
-        a_t, s_t = (float(v) for v in self._sigma_to_alpha_sigma_t(self.sigmas[i + 1]))
-        m = self.model_outputs[-1].to(torch.float64)
-        x = sample.to(torch.float64)
-        if self.config.algorithm_type == "dpmsolver++":
-            x0, eps = m, (x - a_s * m) / s_s
-        else:
-            x0, eps = (x - s_s * m) / a_s, m
-        inc_c = self._hessian_step(inc, 1.0, x, x0, eps, a_s, s_s, a_t, s_t)
-        return (base.to(torch.float64) + inc_c).to(base.dtype)
+        return self._lml_multistep_update(base, inc, sample, self.model_outputs[-1],
+                                          self.config.algorithm_type == "dpmsolver++")
 
     def dpm_solver_first_order_update(self, model_output: Tensor, *args: Any, sample: Tensor | None = None,
                                       noise: Tensor | None = None, **kwargs: Any) -> Tensor:
@@ -648,10 +661,7 @@ class LMLUniPCMultistepScheduler(_LMLMixin, UniPCMultistepScheduler):
         self._lml_raw_sample: Tensor | None = None
 
     def _lml_first_alphas_cumprod(self) -> float | None:
-        if self.config.get("use_flow_sigmas", False):
-            return None
-        alpha, _ = self._sigma_to_alpha_sigma_t(self.sigmas[0])
-        return float(alpha) ** 2
+        return self._lml_sigmas_first_alphas_cumprod()
 
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, *args: Any, generator: Any = None,
              **kwargs: Any) -> Any:
@@ -677,19 +687,7 @@ class LMLUniPCMultistepScheduler(_LMLMixin, UniPCMultistepScheduler):
             base = fn(torch.zeros_like(model_output), *args, sample=sample, order=order, **kwargs)
         finally:
             self.model_outputs = history
-        if self._hstep is None:
-            return (base.to(self.lml_dtype) + self._lml_apply(inc)).to(base.dtype)
-        i = int(self.step_index)
-        a_s, s_s = (float(v) for v in self._sigma_to_alpha_sigma_t(self.sigmas[i]))
-        a_t, s_t = (float(v) for v in self._sigma_to_alpha_sigma_t(self.sigmas[i + 1]))
-        m = history[-1].to(torch.float64)
-        raw = (sample if self._lml_raw_sample is None else self._lml_raw_sample).to(torch.float64)
-        if self.predict_x0:
-            x0, eps = m, (raw - a_s * m) / s_s
-        else:
-            x0, eps = (raw - s_s * m) / a_s, m
-        inc_c = self._hessian_step(inc, 1.0, sample.to(torch.float64), x0, eps, a_s, s_s, a_t, s_t)
-        return (base.to(torch.float64) + inc_c).to(base.dtype)
+        return self._lml_multistep_update(base, inc, sample, history[-1], self.predict_x0, self._lml_raw_sample)
 
 
 #: stock diffusers scheduler class name -> LML drop-in
