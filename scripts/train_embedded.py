@@ -852,9 +852,10 @@ def _real_reference(fam: str, n_per_class: int, seed: int) -> Tensor:
     return xtr[idx]
 
 
-def _is_v2(d: Path) -> bool:
-    """Whether the model folder ``d`` holds a recipe-v2 run (finished, or provisional weights of one)."""
-    return (d / "provisional.json").is_file() or _read(d / "train_log.json").get("recipe") == "v2"
+def _is_v2(train_log: dict[str, Any], provisional: dict[str, Any]) -> bool:
+    """Whether a model folder with these ``train_log.json`` / ``provisional.json`` contents (``{}`` when
+    absent) holds a recipe-v2 run (finished, or provisional weights of one)."""
+    return bool(provisional) or train_log.get("recipe") == "v2"
 
 
 def stage_eval_v2(out: Path, args: argparse.Namespace) -> None:
@@ -885,7 +886,8 @@ def stage_eval_v2(out: Path, args: argparse.Namespace) -> None:
     log(f"eval: reference {ref}")
     for kind in ("ddpm", "ldm"):
         d = out / "models" / f"{fam}-{kind}"
-        if not (d / "unet").is_dir() or not _is_v2(d):
+        prov = _read(d / "provisional.json")
+        if not (d / "unet").is_dir() or not _is_v2(_read(d / "train_log.json"), prov):
             continue  # a recipe-v1 model keeps the figures of its own evaluation (stage_eval)
         m = M.load_model(d)
         t0, c0 = time.time(), time.process_time()
@@ -912,7 +914,6 @@ def stage_eval_v2(out: Path, args: argparse.Namespace) -> None:
             v1_check = _read(d / "metrics.json").get("jacobian_check_mnist_ddpm_v1")
             if v1_check:
                 res["jacobian_check_mnist_ddpm_v1"] = v1_check
-        prov = _read(d / "provisional.json")
         if prov:
             res["provisional_step"] = prov["step"]
         write_json(d / "metrics.json", res)
@@ -1198,7 +1199,7 @@ Measured with `{cmd.format(stages=('export ' if prov else '') + 'eval cards')} -
     lg, prov, mt = _read(d / "train_log.json"), _read(d / "provisional.json"), _read(d / "metrics.json")
     vlg = _read(d / "vae_train_log.json")
     info = lg or prov
-    if info and vlg and _is_v2(d):  # a recipe-v1 model keeps its v1 card
+    if info and vlg and _is_v2(lg, prov):  # a recipe-v1 model keeps its v1 card
         steps = info["steps"]
         ucfg = info.get("unet_config") or prov.get("settings", {}).get("unet_config")
         rec = mt.get("vae_reconstruction", {})
