@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hessdiff.eval.sweep.config import canonical_json
+from hessdiff.eval.sweep.config import TUNE_SIZE, canonical_json
 from hessdiff.utils.images import from_uint8, to_uint8
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
@@ -97,8 +97,6 @@ class _ImageSet:
             self._check, self._recursive = check, recursive
         else:
             from hessdiff.samplers.models import embedded_dataset
-
-            from .config import TUNE_SIZE
 
             family, part = embedded.split("-", 1)
             x = embedded_dataset("test", family=family)

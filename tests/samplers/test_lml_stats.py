@@ -326,6 +326,8 @@ def test_unipc_drop_in_published_map_is_the_stock_scheduler_in_float64(model_dir
     assert float((exact - stock).norm() / stock.norm()) < 1e-6
     f32 = _run(LMLUniPCMultistepScheduler(**kw, lamb=1e4), unet, x)
     assert float((f32 - stock).norm() / stock.norm()) < 1e-3  # float32 rounding only
+    with pytest.raises(ValueError, match="solver_p"):  # a predictor that is not UniP
+        LMLUniPCMultistepScheduler(**kw, solver_p=UniPCMultistepScheduler(**kw))
 
 
 def test_unipc_drop_in_finds_the_embedded_models_covariance():
@@ -345,5 +347,3 @@ def test_unipc_drop_in_finds_the_embedded_models_covariance():
     out = _run(sched, unet, x, n=5)
     stock = _run(UniPCMultistepScheduler.from_pretrained(root, subfolder="scheduler", **kw), unet, x, n=5)
     assert 1e-3 < float((out - stock).norm() / stock.norm()) < 0.5
-    with pytest.raises(ValueError, match="solver_p"):
-        LMLUniPCMultistepScheduler(**kw, solver_p=UniPCMultistepScheduler(**kw))
