@@ -491,8 +491,11 @@ def _run_sweep(cfg: SweepConfig, out: Path, dist: _Dist, lock: _FolderLock, *, r
     n_sample_done_before = sum(it.index not in pending for it in sample_items)
     total_mine = sum(sum(it.index in pending for it in batches[j][1]) for j in mine)
     if dist.main:
+        n_todo = [sum(it.index in pending for it in batches[j][1]) for j in plan["batches"]]
+        n_ref = sum(n for j, n in zip(plan["batches"], n_todo, strict=True) if batches[j][0].kind != "sample")
         say(f"sweep {cfg.name!r} ({sweep_hash}): {len(sample_items)} items, {n_sample_done_before} already "
-            f"done, {sum(len(batches[j][1]) for j in plan['batches'])} to compute"
+            f"done, {sum(n_todo) - n_ref} to compute"
+            + (f" (and {n_ref} reference images' features)" if n_ref else "")
             + (f" on {dist.world} processes" if dist.world > 1 else "")
             + (f"; skipped {len(data.skipped)} unreadable file(s)" if data and data.skipped else ""))
 

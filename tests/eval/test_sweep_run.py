@@ -69,8 +69,11 @@ def test_restoration_sweep_files_metrics_and_resume(tmp_path):
     out = tmp_path / "out"
     # an injected 3-d extractor keeps the covariances full rank, so that scipy's sqrtm is an accurate oracle
     ext = PixelFeatures(1)
+    lines: list[str] = []
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        rep = run_sweep(cfg, out, plots=True, feature_extractor=ext)
+        rep = run_sweep(cfg, out, plots=True, feature_extractor=ext, log=lines.append)
+    # the start line counts the samples to compute apart from the reference images' features
+    assert any("16 items, 0 already done, 16 to compute (and 4 reference images' features)" in s for s in lines)
     assert rep.complete and rep.num_items == 4 * 2 * 2 and rep.num_computed == 16 + 4  # + 4 reference items
     assert [Path(p).name for p, _ in rep.skipped_files] == ["broken.png"]
     assert json.loads((out / "sweep.json").read_text())["info"]["skipped_files"][0][0].endswith("broken.png")
