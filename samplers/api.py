@@ -58,8 +58,14 @@ def check_method(method: str, is_latent: bool, source: str) -> None:
 
 def fill_sigma_y(method: str, opts: dict[str, Any], measurement: Any) -> None:
     """Set ``opts["sigma_y"]`` from the measurement's Gaussian noise level when ``method`` takes one and
-    it is not given (MMPS, TMPD, PiGDM, DiffPIR, DAPS). A bare tensor has no noise level: one clear error."""
-    if "sigma_y" not in accepted_options(method) or "sigma_y" in opts:
+    it is not given (MMPS, TMPD, PiGDM, DiffPIR, DAPS; STSL with the moment-matched likelihood). A bare
+    tensor has no noise level: one clear error."""
+    if "sigma_y" not in accepted_options(method) or opts.get("sigma_y") is not None:
+        return
+    from .guidance import get_posterior_sampler
+
+    needs = getattr(getattr(get_posterior_sampler(method), "options_class", None), "needs_sigma_y", None)
+    if needs is not None and not needs(opts):  # an optional noise level these options do not use
         return
     s = getattr(measurement, "sigma_y", None)
     if s is None:

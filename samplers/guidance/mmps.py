@@ -18,6 +18,7 @@ decoder by a decoder JVP in each matvec (``A J_D J J_D^T A^T``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from .krylov import KRYLOV_SOLVERS
 from .measurement import LikelihoodDenoiser, _check_nonneg, _choice, prepare_measurement
 from .result import Cost, run_posterior
 
-__all__ = ["MMPSDenoiser", "sample_mmps"]
+__all__ = ["MMPSDenoiser", "moment_matched_solve", "sample_mmps"]
 
 
 class MMPSDenoiser(LikelihoodDenoiser):
@@ -62,11 +63,6 @@ class MMPSDenoiser(LikelihoodDenoiser):
             pred = self.denoiser(xr, t)
             ax = self._measure(pred.x0)
         y = self.y.to(dtype=ax.dtype, device=ax.device).expand_as(ax)
-        B, shape = ax.shape[0], ax.shape
-
-        def vjp(v: Tensor) -> Tensor:  # J^T A^T v (through the decoder: J^T J_D^T A^T v)
-            (g,) = torch.autograd.grad(ax, xr, grad_outputs=v.reshape(shape).to(ax.dtype), retain_graph=True)
-            return g
 
         def lin(w: Tensor) -> Tensor:  # A w (latent: A J_D w, a decoder JVP at x0_hat)
             if self.autoencoder is None:
@@ -74,16 +70,34 @@ class MMPSDenoiser(LikelihoodDenoiser):
             z0 = pred.x0.detach()
             return torch.func.jvp(self._measure, (z0,), (w.to(z0.dtype),))[1]
 
-        def matvec(v: Tensor) -> Tensor:
-            mv = lin(vjp(v)).reshape(B, -1).to(torch.float64)
-            return self.sigma_y**2 * v + c * mv
-
-        r = (y - ax.detach()).reshape(B, -1).to(torch.float64)
-        u = self.solver(matvec, r, self.iterations)
+        u, vjp = moment_matched_solve(ax, xr, y, lin, self.sigma_y, c, self.solver, self.iterations)
         x0 = (pred.x0 + c * vjp(u)).detach()
         if self.clip_x0 is not None:
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)
         return Prediction(eps=(x - a * x0) / s if s > 0 else pred.eps.detach(), x0=x0)
+
+
+def moment_matched_solve(ax: Tensor, x: Tensor, y: Tensor, lin: Callable[[Tensor], Tensor], sigma_y: float, c: float,
+                         solver: Callable[..., Tensor], iterations: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``u ~ (Sigma_y + c A J A^T)^{-1} (y - A x0_hat)`` by ``iterations`` Krylov steps, per sample.
+
+    ax: ``A x0_hat(x)`` (latent: ``A D(z0_hat)``), still attached to the graph of ``x`` (which requires
+    grad); lin: ``w -> A w`` on ``x0``'s space (latent: the decoder-linearised ``A J_D w``); c: the Tweedie
+    factor ``sigma_t^2 / alpha_t``. Every matvec is one VJP of ``ax`` (``J A^T v`` taken as ``J^T A^T v``);
+    the scalars are float64. Returns ``u`` (``[B, m]`` float64) and ``vjp: v -> J^T A^T v`` (the guidance
+    ``J^T A^T u`` is one more VJP)."""
+    B, shape = ax.shape[0], ax.shape
+
+    def vjp(v: Tensor) -> Tensor:  # J^T A^T v (through the decoder: J^T J_D^T A^T v)
+        (g,) = torch.autograd.grad(ax, x, grad_outputs=v.reshape(shape).to(ax.dtype), retain_graph=True)
+        return g
+
+    def matvec(v: Tensor) -> Tensor:
+        mv = lin(vjp(v)).reshape(B, -1).to(torch.float64)
+        return sigma_y**2 * v + c * mv
+
+    r = (y - ax.detach()).reshape(B, -1).to(torch.float64)
+    return solver(matvec, r, iterations), vjp
 
 
 def sample_mmps(denoiser: Any, operator: Any, y: Tensor, x: Tensor, grid: TimeGrid, autoencoder: Any | None = None,

@@ -14,6 +14,7 @@ from ..denoiser import Prediction
 from ..loop import Callback, GeneratorArg, Method, Result, Run
 from ..schedule import TimeGrid
 from ..solvers import ddim_step
+from .krylov import KRYLOV_SOLVERS
 from .measurement import (
     DATA_NORMS,
     GLUING_MODES,
@@ -32,6 +33,7 @@ from .measurement import (
     _step_factor,
     hutchinson_trace_fd,
 )
+from .mmps import moment_matched_solve
 from .psld import _gluing
 from .result import run_posterior
 
@@ -54,16 +56,26 @@ class STSLOptions:
     init: str = "adjoint"
     init_mode: str = "stochastic"
     ddim_eta: float = 0.0
+    likelihood: str = "gaussian"
+    sigma_y: float | None = None
+    iterations: int = 5
+    solver: str = "gmres"
 
     def __post_init__(self) -> None:
         _choice(self.data_norm, DATA_NORMS, "data_norm")
         _choice(self.gluing, GLUING_MODES, "gluing")
         _choice(self.init, STSL_INITS, "init")
         _choice(self.init_mode, STSL_INIT_MODES, "init_mode")
+        _choice(self.likelihood, STSL_LIKELIHOODS, "likelihood")
+        _choice(self.solver, tuple(KRYLOV_SOLVERS), "Krylov solver")
         if not callable(self.step_schedule):
             _choice(self.step_schedule, STEP_SCHEDULES, "step_schedule")
         _check_nonneg(lam=self.lam, eta=self.eta, gamma=self.gamma, ddim_eta=self.ddim_eta)
-        for k in ("inner_steps", "num_probes"):
+        if self.likelihood == "moment-matched":
+            if self.sigma_y is None:
+                raise ValueError("likelihood='moment-matched' needs the measurement's noise level: sigma_y=...")
+            _check_nonneg(sigma_y=self.sigma_y)
+        for k in ("inner_steps", "num_probes", "iterations"):
             v = getattr(self, k)
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{k} must be a positive integer, got {v!r}")
@@ -73,6 +85,15 @@ class STSLOptions:
             raise ValueError("init='noise' has nothing to invert; use init_mode='stochastic' "
                              "(or init='adjoint'/'pinv')")
 
+
+    @staticmethod
+    def needs_sigma_y(options: dict[str, Any]) -> bool:
+        """Whether options (a mapping of field values) use the measurement's noise level."""
+        return options.get("likelihood", "gaussian") == "moment-matched"
+
+
+#: STSL's data terms: the paper's Gaussian ``|y - A D(x0_hat)|`` and MMPS's moment-matched likelihood
+STSL_LIKELIHOODS = ("gaussian", "moment-matched")
 
 #: the option names ``sample_stsl`` takes in ``**options``
 _OPTIONS = tuple(f.name for f in fields(STSLOptions) if f.name != "lam")
@@ -110,7 +131,9 @@ class STSL(Method):
         o = self.o
         return ("inner gradient steps x DDIM steps, as the STSL paper counts (each inner step "
                 f"runs {1 + (o.num_probes if o.eta > 0 else 0)} network forwards; each DDIM step "
-                "one more), plus DDIM-inversion evaluations")
+                "one more), plus DDIM-inversion evaluations"
+                + (f"; the moment-matched likelihood adds {o.iterations} VJPs per inner step (network backward)"
+                   if o.likelihood == "moment-matched" else ""))
 
     def start(self, run: Run, z: Tensor) -> Tensor:
         o, st, z = self.o, run.state, z.detach()
@@ -136,8 +159,12 @@ class STSL(Method):
         o, st = self.o, run.state
         pred = run.denoise(z, t)
         x = run.decode(pred.x0)
-        r = st["y"] - self.operator(x)
-        loss = o.lam * (_sqnorm(r) if o.data_norm == "squared" else _norm(r))
+        ax = self.operator(x)
+        if o.likelihood == "moment-matched":
+            loss = o.lam * self._moment_matched(run, z, t, pred, ax)
+        else:
+            r = st["y"] - ax
+            loss = o.lam * (_sqnorm(r) if o.data_norm == "squared" else _norm(r))
         if o.eta > 0:  # (eta/d) eᵀ(s(z+e) - s(z)): one-probe Hutchinson trace of grad^2 log p_t
             loss = loss + (o.eta / st["d"]) * hutchinson_trace_fd(
                 run.denoise, z, t, s, num_probes=o.num_probes, probe_scale=o.probe_scale,
@@ -146,8 +173,37 @@ class STSL(Method):
             loss = loss + o.gamma * _norm(_gluing(run, self.operator, x, pred.x0, st["y_back"], o.gluing))
         return loss
 
+    def _moment_matched(self, run: Run, z: Tensor, t: Tensor, pred: Prediction, ax: Tensor) -> Tensor:
+        """MMPS's likelihood as STSL's data term, per sample: ``q = rᵀ C⁻¹ r`` with ``r = y - A D(x0_hat)``
+        and ``C = Sigma_y + (sigma_t^2/alpha_t) A J Aᵀ`` (``data_norm="squared"``) or ``sqrt(q)``
+        (``"unsquared"``). ``C`` is held fixed under differentiation (as MMPS does) and ``C⁻¹ r`` comes from
+        ``iterations`` Krylov steps, so the term's value is ``q`` and its gradient ``-2 Jᵀ Aᵀ u``
+        (``sqrt``: ``-Jᵀ Aᵀ u / sqrt(q)``). Cost: ``iterations`` more VJPs per inner step."""
+        o = self.o
+        y = run.state["y"].to(dtype=ax.dtype, device=ax.device).expand_as(ax)
+        a, s = run.state["alpha_sigma"]
+        B = ax.shape[0]
+
+        def lin(w: Tensor) -> Tensor:  # A w (latent: A J_D w, a decoder JVP at z0_hat)
+            if run.autoencoder is None:
+                return self.operator(w)
+            z0 = pred.x0.detach()
+            return torch.func.jvp(lambda v: self.operator(run.decode(v)), (z0,), (w.to(z0.dtype),))[1]
+
+        u, _ = moment_matched_solve(ax, z, y, lin, float(o.sigma_y), s * s / a, KRYLOV_SOLVERS[o.solver],
+                                    o.iterations)
+        r = (y - ax.detach()).reshape(B, -1).to(torch.float64)
+        q = (r * u).sum(1).clamp(min=0.0)
+        # value q, gradient that of q with C fixed: d/dz [-2 uᵀ A D(x0_hat(z))]
+        lin_term = (u.to(ax.dtype) * (ax.detach() - ax).reshape(B, -1)).sum(1)
+        if o.data_norm == "squared":
+            return q.to(ax.dtype) + 2 * lin_term
+        root = q.sqrt().clamp(min=1e-12).to(ax.dtype)
+        return root + lin_term / root
+
     def step(self, run: Run, z: Tensor, i: int) -> tuple[Tensor, Prediction]:
         t, a, s, an, sn = run.point(i)
+        run.state["alpha_sigma"] = (a, s)
         f = _step_factor(self.o.step_schedule, i, run.num_steps, a, s, run.state["sigma0"])
         for _ in range(self.o.inner_steps):
             z = z.detach().requires_grad_(True)
@@ -201,6 +257,11 @@ def sample_stsl(
     inner_steps: ``K``; 5 in the paper (ablation: 1, 2), 3 in TMPD's GMM runs.
     num_probes: probes averaged per inner step; probe_scale: ``c``; 1 is the paper's unit-variance probe.
     gamma, gluing: PSLD's gluing term (off by default, as in the paper's reported loss).
+    likelihood: ``"gaussian"`` (the paper: the data term above) or ``"moment-matched"``: MMPS's
+      likelihood ``N(y; A D(x0_hat), Sigma_y + (sigma_t^2/alpha_t) A J Aᵀ)`` instead, the data term
+      ``rᵀ C⁻¹ r`` (``data_norm``: squared, or its square root) with ``C⁻¹ r`` from ``iterations``
+      Krylov steps (``solver``: ``"gmres"`` or ``"cg"``) and ``C`` held fixed under differentiation;
+      needs ``sigma_y`` (the measurement's Gaussian noise level).
     data_norm: ``"squared"`` (paper) or ``"unsquared"``.
     step_schedule: multiplies the whole gradient step at step ``i``: ``"constant"``, ``"sigma"``
       (``sigma_i / sigma_0``), ``"sigma2"`` or a callable ``f(i, n, alpha_i, sigma_i) -> float``.

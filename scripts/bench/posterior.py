@@ -228,11 +228,14 @@ PUBLISHED_SETTINGS: dict[str, tuple[Callable[..., PosteriorResult], bool, dict[s
 #: methods whose sampler takes ``sigma_y`` (runs are batched per noise level)
 SIGMA_METHODS = ("mmps", "tmpd", "pigdm", "diffpir", "daps")
 
+#: settings a spec may add to a method's published ones (``stsl[likelihood=moment-matched;iterations=3]``)
+EXTRA_SETTINGS: dict[str, tuple[str, ...]] = {"stsl": ("likelihood", "iterations", "solver", "step_schedule")}
+
 
 def _bench_method(name: str, base: str, overrides: Mapping[str, Any]) -> BenchMethod:
     fn, latent, settings = PUBLISHED_SETTINGS[base]
     kw = {**settings, **overrides}
-    needs_sigma = base in SIGMA_METHODS
+    needs_sigma = base in SIGMA_METHODS or kw.get("likelihood") == "moment-matched"
 
     def run(den, op, y, x, grid, ae, gen, sigma_y=None):
         args = [den, op, y, x, grid] + ([ae] if latent else [])
@@ -277,9 +280,10 @@ def method_from_spec(spec: str) -> BenchMethod:
             if not eq:
                 raise ValueError(f"bad setting {item!r} in {spec!r}; expected key=value")
             over[k.strip()] = _value(v)
-    unknown = [k for k in over if k not in PUBLISHED_SETTINGS[base][2]]
+    allowed = (*PUBLISHED_SETTINGS[base][2], *EXTRA_SETTINGS.get(base, ()))
+    unknown = [k for k in over if k not in allowed]
     if unknown:
-        raise ValueError(f"{base} has no setting {unknown[0]!r}; settings: {', '.join(PUBLISHED_SETTINGS[base][2])}")
+        raise ValueError(f"{base} has no setting {unknown[0]!r}; settings: {', '.join(allowed)}")
     return _bench_method(spec, base, over)
 
 

@@ -123,3 +123,104 @@ def test_mmps_bad_input():
     grid = den.schedule.grid(5)
     with pytest.raises(ValueError, match="measurement"):
         sample_mmps(den, MatrixOperator(A), y[:, :3], torch.zeros(2, 16, dtype=DT), grid, sigma_y=0.2)
+
+
+# ---------------------------------------------------------------- STSL with the moment-matched likelihood
+@pytest.mark.parametrize("data_norm", ["squared", "unsquared"])
+def test_stsl_moment_matched_term_is_the_dense_quadratic_form(data_norm):
+    """STSL's moment-matched data term: value ``q = rᵀ C⁻¹ r`` (or ``sqrt(q)``) and gradient that of ``q``
+    with ``C = Sigma_y + (sigma^2/alpha) A J Aᵀ`` held fixed, against a dense solve with the exact Jacobian."""
+    from hessdiff.samplers.guidance.stsl import STSL, STSLOptions
+    from hessdiff.samplers.loop import Run
+
+    sy = 0.2
+    prior, A, y, _ = _gaussian_problem(sigma_y=sy)
+    den = GMMDenoiser(prior)
+    grid = den.schedule.grid(20, "trailing")
+    run = Run(den, grid, generator=_gen(6))
+    method = STSL(MatrixOperator(A), y, STSLOptions(lam=1.0, eta=0.0, likelihood="moment-matched", sigma_y=sy,
+                                                    iterations=8, data_norm=data_norm, init="noise"))
+    x = float(grid.sigma[0]) * torch.randn(3, 16, generator=_gen(7), dtype=DT)
+    method.start(run, x)
+    i = 6
+    t, a, s, _, _ = run.point(i)
+    run.state["alpha_sigma"] = (a, s)
+    z = (0.5 * x).requires_grad_(True)
+    loss = method.loss(run, z, t, s)
+    (grad,) = torch.autograd.grad(loss.sum(), z)
+    for b in range(3):
+        zb = z[b:b + 1].detach()
+        J = torch.autograd.functional.jacobian(lambda v: den(v, t).x0, zb).reshape(16, 16)
+        r = y[0] - A @ den(zb, t).x0[0]
+        C = sy**2 * torch.eye(8, dtype=DT) + (s * s / a) * A @ J @ A.T
+        u = torch.linalg.solve(C, r)
+        q = r @ u
+        want_value, want_grad = (q, -2 * J.T @ A.T @ u) if data_norm == "squared" else \
+            (q.sqrt(), -(J.T @ A.T @ u) / q.sqrt())
+        assert float(loss[b].detach()) == pytest.approx(float(want_value), rel=1e-8)
+        torch.testing.assert_close(grad[b], want_grad, rtol=1e-7, atol=1e-9)
+
+
+def test_stsl_moment_matched_counts_vjps_needs_sigma_y_and_moves_the_result():
+    from hessdiff.samplers.api import fill_sigma_y
+    from hessdiff.samplers.guidance import sample_stsl
+
+    prior, A, y, post = _gaussian_problem()
+    den = GMMDenoiser(prior)
+    grid = den.schedule.grid(10, "trailing")
+    x = float(grid.sigma[0]) * torch.randn(200, 16, generator=_gen(1), dtype=DT)
+    common = dict(lam=0.02, eta=0.0, inner_steps=2, init="noise", ddim_eta=1.0)
+    mm = sample_stsl(den, MatrixOperator(A), y, x, grid, likelihood="moment-matched", sigma_y=0.2, iterations=3,
+                     generator=_gen(2), **common)
+    assert mm.cost.network_forward == 10 * (2 + 1)  # 2 inner steps and the DDIM step's fresh call
+    assert mm.cost.network_backward == 10 * 2 * (3 + 1)  # 3 Krylov VJPs and the gradient per inner step
+    plain = sample_stsl(den, MatrixOperator(A), y, x, grid, generator=_gen(2), **common)
+    assert plain.cost.network_backward == 10 * 2
+    assert float((mm.samples - plain.samples).abs().max()) > 1e-2  # the covariance changes the result
+    with pytest.raises(ValueError, match="noise level"):
+        sample_stsl(den, MatrixOperator(A), y, x, grid, likelihood="moment-matched", **common)
+    # the CLI / sweep fill sigma_y only for the options that use it; a bare tensor is fine without it
+    opts = {"likelihood": "moment-matched", "sigma_y": None}  # None (a table's unset default) is not given
+    fill_sigma_y("stsl", opts, type("M", (), {"sigma_y": 0.05})())
+    assert opts["sigma_y"] == 0.05
+    opts = {}
+    fill_sigma_y("stsl", opts, torch.zeros(1))
+    assert opts == {}
+    with pytest.raises(ValueError, match="noise level"):
+        fill_sigma_y("stsl", {"likelihood": "moment-matched"}, torch.zeros(1))
+
+
+def test_latent_stsl_moment_matched_term_goes_through_the_decoder():
+    """In latent space the measurement is ``A D(z0_hat)``: the term is the dense form with ``A W`` (a linear
+    decoder ``D(z) = W z + b``), and each Krylov matvec is one decoder JVP plus one VJP."""
+    from hessdiff.samplers.guidance.stsl import STSL, STSLOptions
+    from hessdiff.samplers.loop import Run
+
+    g = _gen(4)
+    d_z, d_x, m, sy = 4, 10, 3, 0.1
+    prior = GaussianMixture(torch.ones(1, dtype=DT), torch.randn(1, d_z, generator=g, dtype=DT),
+                            (0.5 + torch.rand(1, d_z, generator=g, dtype=DT)))
+    ae = LinearAutoencoder.random(d_x, d_z, generator=g)
+    A = torch.randn(m, d_x, generator=g, dtype=DT) / math.sqrt(d_x)
+    y = ae.decode(prior.sample(1, g)) @ A.T + sy * torch.randn(1, m, generator=g, dtype=DT)
+    den = GMMDenoiser(prior)
+    grid = den.schedule.grid(10, "trailing")
+    run = Run(den, grid, autoencoder=ae)
+    method = STSL(MatrixOperator(A), y, STSLOptions(lam=1.0, eta=0.0, likelihood="moment-matched", sigma_y=sy,
+                                                    iterations=m, solver="cg", init="noise"))
+    z = float(grid.sigma[0]) * torch.randn(2, d_z, generator=_gen(5), dtype=DT)
+    method.start(run, z)
+    t, a, s, _, _ = run.point(4)
+    run.state["alpha_sigma"] = (a, s)
+    zr = z.requires_grad_(True)
+    loss = method.loss(run, zr, t, s)
+    (grad,) = torch.autograd.grad(loss.sum(), zr)
+    AW = A @ ae.W
+    for b in range(2):
+        zb = zr[b:b + 1].detach()
+        J = torch.autograd.functional.jacobian(lambda v: den(v, t).x0, zb).reshape(d_z, d_z)
+        r = y[0] - A @ ae.decode(den(zb, t).x0)[0]
+        u = torch.linalg.solve(sy**2 * torch.eye(m, dtype=DT) + (s * s / a) * AW @ J @ AW.T, r)
+        assert float(loss[b].detach()) == pytest.approx(float(r @ u), rel=1e-8)
+        torch.testing.assert_close(grad[b], -2 * J.T @ AW.T @ u, rtol=1e-7, atol=1e-9)
+    assert run.cost.decoder_backward == m + 1  # the Krylov VJPs and the gradient pass through the decoder

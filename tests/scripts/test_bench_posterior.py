@@ -141,3 +141,13 @@ def test_sigma_methods_run_per_noise_level(tmp_path):
     assert (mmps["network_forward"], mmps["network_backward"]) == (10, 60)  # 1 forward + 6 VJPs per step
     sw = {n: sum(r["sw1"] for r in rows if r["method"] == n) for n in ("mmps", "dps")}
     assert sw["mmps"] < sw["dps"], sw
+
+
+def test_stsl_spec_with_the_moment_matched_likelihood_takes_the_noise_level():
+    from hessdiff.scripts.bench.posterior import method_from_spec
+
+    mm = method_from_spec("stsl[likelihood=moment-matched;iterations=3]")
+    assert mm.needs_sigma and "likelihood=moment-matched" in mm.settings and "iterations=3" in mm.settings
+    assert not method_from_spec("stsl").needs_sigma
+    with pytest.raises(ValueError, match="no setting 'sigma'"):
+        method_from_spec("stsl[sigma=1]")
