@@ -97,8 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="task parameter (repeatable), e.g. box_size=14, scale=2, sigma_y=0.05; VALUE is read as "
                         "JSON when it parses")
     p.add_argument("--preset", help="paper protocol preset (dps-256, psld-512, stsl-512) or a preset .json file")
-    p.add_argument("--method", help="posterior sampler: dps or stsl for pixel-space models (default dps); stsl, "
-                                    "psld or latent_dps for latent models (default stsl)")
+    p.add_argument("--method", help="posterior sampler: dps (default), mmps, tmpd, pigdm, diffpir, daps or stsl for "
+                                    "pixel-space models; stsl (default), mmps, psld or latent_dps for latent models")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option (repeatable), forwarded to the sampler, e.g. zeta=1.0, lam=0.5, inner_steps=5")
     p.add_argument("--model", default="mnist",

@@ -473,6 +473,8 @@ README_COMMANDS = {
                      "box_size=10", "--method", "stsl"],
     "restore_ldm": ["restore", "{ex}/mnist_test_150_digit3.png", "--task", "box-inpainting", "--param",
                     "box_size=10", "--model", "mnist-ldm"],
+    "restore_mmps": ["restore", "{ex}/fashion_test_0004_class7.png", "--model", "fashion", "--method", "mmps",
+                     "--task", "box-inpainting", "--param", "box_size=10"],  # the README's main job
 }
 
 
