@@ -65,10 +65,11 @@ def gmres(matvec: MatVec, b: Tensor, iterations: int) -> Tensor:
     e1[:, 0, 0] = beta
     # a diverged sample (non-finite Arnoldi entries) stays non-finite instead of failing LAPACK for the batch
     bad = ~(torch.isfinite(H).flatten(1).all(1) & torch.isfinite(beta))
-    if bool(bad.any()):
+    any_bad = bool(bad.any())
+    if any_bad:
         H, e1 = torch.where(bad[:, None, None], 0.0, H), torch.where(bad[:, None, None], 0.0, e1)
     coef = torch.linalg.lstsq(H, e1).solution[:, :, 0]  # [B, k]
-    if bool(bad.any()):
+    if any_bad:
         coef = torch.where(bad[:, None], float("nan"), coef)
     return sum(coef[:, j, None] * V[j] for j in range(k))
 

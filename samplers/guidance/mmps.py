@@ -63,30 +63,31 @@ class MMPSDenoiser(LikelihoodDenoiser):
             pred = self.denoiser(xr, t)
             ax = self._measure(pred.x0)
         y = self.y.to(dtype=ax.dtype, device=ax.device).expand_as(ax)
-
-        def lin(w: Tensor) -> Tensor:  # A w (latent: A J_D w, a decoder JVP at x0_hat)
-            if self.autoencoder is None:
-                return self.operator(w)
-            z0 = pred.x0.detach()
-            return torch.func.jvp(self._measure, (z0,), (w.to(z0.dtype),))[1]
-
-        u, vjp = moment_matched_solve(ax, xr, y, lin, self.sigma_y, c, self.solver, self.iterations)
+        u, vjp = moment_matched_solve(ax, xr, y, self.sigma_y, c, self.solver, self.iterations, measure=self._measure,
+                                      x0=pred.x0, through_decoder=self.autoencoder is not None)
         x0 = (pred.x0 + c * vjp(u)).detach()
         if self.clip_x0 is not None:
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)
         return Prediction(eps=(x - a * x0) / s if s > 0 else pred.eps.detach(), x0=x0)
 
 
-def moment_matched_solve(ax: Tensor, x: Tensor, y: Tensor, lin: Callable[[Tensor], Tensor], sigma_y: float, c: float,
-                         solver: Callable[..., Tensor], iterations: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+def moment_matched_solve(ax: Tensor, x: Tensor, y: Tensor, sigma_y: float, c: float, solver: Callable[..., Tensor],
+                         iterations: int, *, measure: Callable[[Tensor], Tensor], x0: Tensor,
+                         through_decoder: bool) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """``u ~ (Sigma_y + c A J A^T)^{-1} (y - A x0_hat)`` by ``iterations`` Krylov steps, per sample.
 
-    ax: ``A x0_hat(x)`` (latent: ``A D(z0_hat)``), still attached to the graph of ``x`` (which requires
-    grad); lin: ``w -> A w`` on ``x0``'s space (latent: the decoder-linearised ``A J_D w``); c: the Tweedie
-    factor ``sigma_t^2 / alpha_t``. Every matvec is one VJP of ``ax`` (``J A^T v`` taken as ``J^T A^T v``);
-    the scalars are float64. Returns ``u`` (``[B, m]`` float64) and ``vjp: v -> J^T A^T v`` (the guidance
-    ``J^T A^T u`` is one more VJP)."""
+    ax: ``measure(x0)`` with ``x0 = x0_hat(x)``, still attached to the graph of ``x`` (which requires grad);
+    measure: ``x0 -> A x0`` (latent: ``z0 -> A D(z0)``, linearised at ``x0`` by a decoder JVP in each matvec
+    when ``through_decoder``); c: the Tweedie factor ``sigma_t^2 / alpha_t``. Every matvec is one VJP of
+    ``ax`` (``J A^T v`` taken as ``J^T A^T v``); the scalars are float64. Returns ``u`` (``[B, m]`` float64)
+    and ``vjp: v -> J^T A^T v`` (the guidance ``J^T A^T u`` is one more VJP)."""
     B, shape = ax.shape[0], ax.shape
+    z0 = x0.detach()
+
+    def lin(w: Tensor) -> Tensor:  # A w (latent: A J_D w, a decoder JVP at x0_hat)
+        if not through_decoder:
+            return measure(w)
+        return torch.func.jvp(measure, (z0,), (w.to(z0.dtype),))[1]
 
     def vjp(v: Tensor) -> Tensor:  # J^T A^T v (through the decoder: J^T J_D^T A^T v)
         (g,) = torch.autograd.grad(ax, x, grad_outputs=v.reshape(shape).to(ax.dtype), retain_graph=True)

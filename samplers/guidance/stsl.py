@@ -153,15 +153,16 @@ class STSL(Method):
         st["inversion_nfe"] = run.cost.network_forward
         return z
 
-    def loss(self, run: Run, z: Tensor, t: Tensor, s: float) -> Tensor:
+    def loss(self, run: Run, z: Tensor, i: int) -> Tensor:
         """``L(y, z) = lam * data(y - A D(z0_hat(z))) + (eta/d) (1/c) eᵀ(s(z + c e) - s(z))
-        [+ gamma |E(Aᵀy + (I - AᵀA) D(z0_hat)) - z0_hat|]`` per sample (PAPERS.md 2.1)."""
+        [+ gamma |E(Aᵀy + (I - AᵀA) D(z0_hat)) - z0_hat|]`` per sample at grid point ``i`` (PAPERS.md 2.1)."""
         o, st = self.o, run.state
+        t, a, s, _, _ = run.point(i)
         pred = run.denoise(z, t)
         x = run.decode(pred.x0)
         ax = self.operator(x)
         if o.likelihood == "moment-matched":
-            loss = o.lam * self._moment_matched(run, z, t, pred, ax)
+            loss = o.lam * self._moment_matched(run, z, a, s, pred, ax)
         else:
             r = st["y"] - ax
             loss = o.lam * (_sqnorm(r) if o.data_norm == "squared" else _norm(r))
@@ -173,7 +174,7 @@ class STSL(Method):
             loss = loss + o.gamma * _norm(_gluing(run, self.operator, x, pred.x0, st["y_back"], o.gluing))
         return loss
 
-    def _moment_matched(self, run: Run, z: Tensor, t: Tensor, pred: Prediction, ax: Tensor) -> Tensor:
+    def _moment_matched(self, run: Run, z: Tensor, a: float, s: float, pred: Prediction, ax: Tensor) -> Tensor:
         """MMPS's likelihood as STSL's data term, per sample: ``q = rᵀ C⁻¹ r`` with ``r = y - A D(x0_hat)``
         and ``C = Sigma_y + (sigma_t^2/alpha_t) A J Aᵀ`` (``data_norm="squared"``) or ``sqrt(q)``
         (``"unsquared"``). ``C`` is held fixed under differentiation (as MMPS does) and ``C⁻¹ r`` comes from
@@ -181,17 +182,10 @@ class STSL(Method):
         (``sqrt``: ``-Jᵀ Aᵀ u / sqrt(q)``). Cost: ``iterations`` more VJPs per inner step."""
         o = self.o
         y = run.state["y"].to(dtype=ax.dtype, device=ax.device).expand_as(ax)
-        a, s = run.state["alpha_sigma"]
         B = ax.shape[0]
-
-        def lin(w: Tensor) -> Tensor:  # A w (latent: A J_D w, a decoder JVP at z0_hat)
-            if run.autoencoder is None:
-                return self.operator(w)
-            z0 = pred.x0.detach()
-            return torch.func.jvp(lambda v: self.operator(run.decode(v)), (z0,), (w.to(z0.dtype),))[1]
-
-        u, _ = moment_matched_solve(ax, z, y, lin, float(o.sigma_y), s * s / a, KRYLOV_SOLVERS[o.solver],
-                                    o.iterations)
+        u, _ = moment_matched_solve(ax, z, y, float(o.sigma_y), s * s / a, KRYLOV_SOLVERS[o.solver], o.iterations,
+                                    measure=lambda v: self.operator(run.decode(v)), x0=pred.x0,
+                                    through_decoder=run.autoencoder is not None)
         r = (y - ax.detach()).reshape(B, -1).to(torch.float64)
         q = (r * u).sum(1).clamp(min=0.0)
         # value q, gradient that of q with C fixed: d/dz [-2 uᵀ A D(x0_hat(z))]
@@ -203,11 +197,10 @@ class STSL(Method):
 
     def step(self, run: Run, z: Tensor, i: int) -> tuple[Tensor, Prediction]:
         t, a, s, an, sn = run.point(i)
-        run.state["alpha_sigma"] = (a, s)
         f = _step_factor(self.o.step_schedule, i, run.num_steps, a, s, run.state["sigma0"])
         for _ in range(self.o.inner_steps):
             z = z.detach().requires_grad_(True)
-            z = (z - f * _grad(self.loss(run, z, t, s).sum(), z)).detach()
+            z = (z - f * _grad(self.loss(run, z, i).sum(), z)).detach()
         with torch.no_grad():  # the DDIM step from the moved point (a fresh network call)
             pred = run.denoise(z, t)
             z = ddim_step(pred.x0, pred.eps, a, s, an, sn, eta=self.o.ddim_eta, generator=run.generator)

@@ -109,7 +109,8 @@ def test_sample_mmps_counts_vjps_and_one_iteration_is_worse():
     assert _errors(res.samples, post)[0] < _errors(one.samples, post)[0]
 
 
-def test_latent_mmps_matches_the_exact_latent_posterior_mean():
+def _latent_problem():
+    """A diagonal Gaussian prior on ``z`` (d_z 4), a linear decoder to d_x 10 and 3 measurements, sigma_y 0.1."""
     g = _gen(4)
     d_z, d_x, m, sy = 4, 10, 3, 0.1
     prior = GaussianMixture(torch.ones(1, dtype=DT), torch.randn(1, d_z, generator=g, dtype=DT),
@@ -117,6 +118,11 @@ def test_latent_mmps_matches_the_exact_latent_posterior_mean():
     ae = LinearAutoencoder.random(d_x, d_z, generator=g)
     A = torch.randn(m, d_x, generator=g, dtype=DT) / math.sqrt(d_x)
     y = ae.decode(prior.sample(1, g)) @ A.T + sy * torch.randn(1, m, generator=g, dtype=DT)
+    return prior, ae, A, y, (d_z, d_x, m, sy)
+
+
+def test_latent_mmps_matches_the_exact_latent_posterior_mean():
+    prior, ae, A, y, (d_z, d_x, m, sy) = _latent_problem()
     post = prior.posterior(A @ ae.W, y[0], sy)
     den = GMMDenoiser(prior)
     grid = den.schedule.grid(30, "trailing")
@@ -161,9 +167,8 @@ def test_stsl_moment_matched_term_is_the_dense_quadratic_form(data_norm):
     method.start(run, x)
     i = 6
     t, a, s, _, _ = run.point(i)
-    run.state["alpha_sigma"] = (a, s)
     z = (0.5 * x).requires_grad_(True)
-    loss = method.loss(run, z, t, s)
+    loss = method.loss(run, z, i)
     (grad,) = torch.autograd.grad(loss.sum(), z)
     for b in range(3):
         zb = z[b:b + 1].detach()
@@ -213,13 +218,7 @@ def test_latent_stsl_moment_matched_term_goes_through_the_decoder():
     from hessdiff.samplers.guidance.stsl import STSL, STSLOptions
     from hessdiff.samplers.loop import Run
 
-    g = _gen(4)
-    d_z, d_x, m, sy = 4, 10, 3, 0.1
-    prior = GaussianMixture(torch.ones(1, dtype=DT), torch.randn(1, d_z, generator=g, dtype=DT),
-                            (0.5 + torch.rand(1, d_z, generator=g, dtype=DT)))
-    ae = LinearAutoencoder.random(d_x, d_z, generator=g)
-    A = torch.randn(m, d_x, generator=g, dtype=DT) / math.sqrt(d_x)
-    y = ae.decode(prior.sample(1, g)) @ A.T + sy * torch.randn(1, m, generator=g, dtype=DT)
+    prior, ae, A, y, (d_z, d_x, m, sy) = _latent_problem()
     den = GMMDenoiser(prior)
     grid = den.schedule.grid(10, "trailing")
     run = Run(den, grid, autoencoder=ae)
@@ -228,9 +227,8 @@ def test_latent_stsl_moment_matched_term_goes_through_the_decoder():
     z = float(grid.sigma[0]) * torch.randn(2, d_z, generator=_gen(5), dtype=DT)
     method.start(run, z)
     t, a, s, _, _ = run.point(4)
-    run.state["alpha_sigma"] = (a, s)
     zr = z.requires_grad_(True)
-    loss = method.loss(run, zr, t, s)
+    loss = method.loss(run, zr, 4)
     (grad,) = torch.autograd.grad(loss.sum(), zr)
     AW = A @ ae.W
     for b in range(2):
