@@ -18,7 +18,7 @@ import torch
 from hessdiff.samplers.guidance import DAPS, DiffPIR, get_posterior_sampler, sample_daps, sample_diffpir
 from hessdiff.samplers.guidance.diffpir import diffpir_prox
 from hessdiff.samplers.guidance.krylov import cg
-from hessdiff.samplers.oracles.gmm import GaussianMixture, GMMDenoiser, LinearAutoencoder
+from hessdiff.samplers.oracles.gmm import GaussianMixture, GMMDenoiser
 from hessdiff.tasks.operators import Inpainting, MatrixOperator
 
 DT = torch.float64
@@ -214,15 +214,9 @@ def test_daps_inner_ode_counts_its_forwards_and_is_the_ode_solution():
     assert errs[3] < errs[2] < errs[1] < errs[0] and errs[3] < 0.03 and errs[2] / errs[3] > 3, errs
 
 
-def test_latent_daps_uses_the_decoder_vjp_not_the_network():
-    g = _gen(4)
-    d_z, d_x, m, sy = 4, 10, 3, 0.1
-    prior = GaussianMixture(torch.ones(1, dtype=DT), torch.randn(1, d_z, generator=g, dtype=DT),
-                            (0.5 + torch.rand(1, d_z, generator=g, dtype=DT)))
-    ae = LinearAutoencoder.random(d_x, d_z, generator=g)
-    A = torch.randn(m, d_x, generator=g, dtype=DT) / math.sqrt(d_x)
-    y = ae.decode(prior.sample(1, g)) @ A.T + sy * torch.randn(1, m, generator=g, dtype=DT)
-    post = prior.posterior(A @ ae.W, y[0], sy)
+def test_latent_daps_uses_the_decoder_vjp_not_the_network(latent_gaussian):
+    prior, ae, A, y, post, sy = latent_gaussian()
+    d_z, d_x = 4, 10
     den = GMMDenoiser(prior)
     grid = den.schedule.grid(30, "trailing")
     z = float(grid.sigma[0]) * torch.randn(400, d_z, generator=_gen(5), dtype=DT)

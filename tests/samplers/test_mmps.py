@@ -8,7 +8,7 @@ import torch
 from hessdiff.samplers.guidance import MMPSDenoiser, get_posterior_sampler, sample_mmps
 from hessdiff.samplers.guidance.krylov import cg, gmres
 from hessdiff.samplers.loop import sample
-from hessdiff.samplers.oracles.gmm import GaussianMixture, GMMDenoiser, LinearAutoencoder
+from hessdiff.samplers.oracles.gmm import GaussianMixture, GMMDenoiser
 from hessdiff.samplers.solvers import DDIM, DPMSolver
 from hessdiff.tasks.operators import MatrixOperator
 
@@ -109,21 +109,9 @@ def test_sample_mmps_counts_vjps_and_one_iteration_is_worse():
     assert _errors(res.samples, post)[0] < _errors(one.samples, post)[0]
 
 
-def _latent_problem():
-    """A diagonal Gaussian prior on ``z`` (d_z 4), a linear decoder to d_x 10 and 3 measurements, sigma_y 0.1."""
-    g = _gen(4)
-    d_z, d_x, m, sy = 4, 10, 3, 0.1
-    prior = GaussianMixture(torch.ones(1, dtype=DT), torch.randn(1, d_z, generator=g, dtype=DT),
-                            (0.5 + torch.rand(1, d_z, generator=g, dtype=DT)))
-    ae = LinearAutoencoder.random(d_x, d_z, generator=g)
-    A = torch.randn(m, d_x, generator=g, dtype=DT) / math.sqrt(d_x)
-    y = ae.decode(prior.sample(1, g)) @ A.T + sy * torch.randn(1, m, generator=g, dtype=DT)
-    return prior, ae, A, y, (d_z, d_x, m, sy)
-
-
-def test_latent_mmps_matches_the_exact_latent_posterior_mean():
-    prior, ae, A, y, (d_z, d_x, m, sy) = _latent_problem()
-    post = prior.posterior(A @ ae.W, y[0], sy)
+def test_latent_mmps_matches_the_exact_latent_posterior_mean(latent_gaussian):
+    prior, ae, A, y, post, sy = latent_gaussian()
+    d_z, d_x, m = 4, 10, 3
     den = GMMDenoiser(prior)
     grid = den.schedule.grid(30, "trailing")
     z = float(grid.sigma[0]) * torch.randn(1000, d_z, generator=_gen(5), dtype=DT)
@@ -212,13 +200,14 @@ def test_stsl_moment_matched_counts_vjps_needs_sigma_y_and_moves_the_result():
         fill_sigma_y("stsl", {"likelihood": "moment-matched"}, torch.zeros(1))
 
 
-def test_latent_stsl_moment_matched_term_goes_through_the_decoder():
+def test_latent_stsl_moment_matched_term_goes_through_the_decoder(latent_gaussian):
     """In latent space the measurement is ``A D(z0_hat)``: the term is the dense form with ``A W`` (a linear
     decoder ``D(z) = W z + b``), and each Krylov matvec is one decoder JVP plus one VJP."""
     from hessdiff.samplers.guidance.stsl import STSL, STSLOptions
     from hessdiff.samplers.loop import Run
 
-    prior, ae, A, y, (d_z, d_x, m, sy) = _latent_problem()
+    prior, ae, A, y, _, sy = latent_gaussian()
+    d_z, m = 4, 3
     den = GMMDenoiser(prior)
     grid = den.schedule.grid(10, "trailing")
     run = Run(den, grid, autoencoder=ae)

@@ -16,7 +16,7 @@ from hessdiff.samplers.guidance import (
     sample_tmpd,
 )
 from hessdiff.samplers.loop import sample
-from hessdiff.samplers.oracles.gmm import GaussianMixture, GMMDenoiser, LinearAutoencoder
+from hessdiff.samplers.oracles.gmm import GaussianMixture, GMMDenoiser
 from hessdiff.samplers.solvers import DPMSolver
 from hessdiff.samplers.solvers.ddim import ddim_step
 from hessdiff.tasks.operators import MatrixOperator
@@ -191,24 +191,10 @@ def test_costs_per_step():
     assert get_posterior_sampler("tmpd") is sample_tmpd and get_posterior_sampler("pigdm") is sample_pigdm
 
 
-def _latent_problem(prior_kind, sy=0.1):
-    g = _gen(4)
-    d_z, d_x, m = 4, 10, 3
-    if prior_kind == "normal":
-        prior = GaussianMixture(torch.ones(1, dtype=DT), torch.zeros(1, d_z, dtype=DT))
-    else:
-        prior = GaussianMixture(torch.ones(1, dtype=DT), torch.randn(1, d_z, generator=g, dtype=DT),
-                                (0.5 + torch.rand(1, d_z, generator=g, dtype=DT)))
-    ae = LinearAutoencoder.random(d_x, d_z, generator=g)
-    A = torch.randn(m, d_x, generator=g, dtype=DT) / math.sqrt(d_x)
-    y = ae.decode(prior.sample(1, g)) @ A.T + sy * torch.randn(1, m, generator=g, dtype=DT)
-    return prior, ae, A, y, prior.posterior(A @ ae.W, y[0], sy)
-
-
-def test_latent_runs_through_the_decoder():
+def test_latent_runs_through_the_decoder(latent_gaussian):
     n, steps, sy = 1000, 30, 0.1
     # TMPD: A J_D J J_D^T A^T is dense here, so the diagonal is an approximation: closer than the prior
-    prior, ae, A, y, post = _latent_problem("diagonal", sy)
+    prior, ae, A, y, post, _ = latent_gaussian("diagonal", sy)
     den = GMMDenoiser(prior)
     grid = den.schedule.grid(steps, "trailing")
     z = float(grid.sigma[0]) * torch.randn(n, 4, generator=_gen(5), dtype=DT)
@@ -219,7 +205,7 @@ def test_latent_runs_through_the_decoder():
     assert res.images.shape == (n, 10)
     assert res.cost.network_backward == 2 * steps and res.cost.decoder_backward == 2 * steps
     # ΠGDM on standard normal latents: r_t² I is the exact latent covariance, so the latent posterior is reached
-    prior, ae, A, y, post = _latent_problem("normal", sy)
+    prior, ae, A, y, post, _ = latent_gaussian("normal", sy)
     den = GMMDenoiser(prior)
     res = sample_pigdm(den, MatrixOperator(A), y, z, grid, ae, sigma_y=sy, cg_iterations=3, ddim_eta=0.0)
     assert _errors(res.samples, post)[0] <= 2 * _mc(post, n)
