@@ -216,7 +216,7 @@ def test_daps_inner_ode_counts_its_forwards_and_is_the_ode_solution():
 
 def test_latent_daps_uses_the_decoder_vjp_not_the_network(latent_gaussian):
     prior, ae, A, y, post, sy = latent_gaussian()
-    d_z, d_x = 4, 10
+    d_x, d_z = ae.W.shape
     den = GMMDenoiser(prior)
     grid = den.schedule.grid(30, "trailing")
     z = float(grid.sigma[0]) * torch.randn(400, d_z, generator=_gen(5), dtype=DT)

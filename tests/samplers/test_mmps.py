@@ -111,7 +111,7 @@ def test_sample_mmps_counts_vjps_and_one_iteration_is_worse():
 
 def test_latent_mmps_matches_the_exact_latent_posterior_mean(latent_gaussian):
     prior, ae, A, y, post, sy = latent_gaussian()
-    d_z, d_x, m = 4, 10, 3
+    (d_x, d_z), m = ae.W.shape, A.shape[0]
     den = GMMDenoiser(prior)
     grid = den.schedule.grid(30, "trailing")
     z = float(grid.sigma[0]) * torch.randn(1000, d_z, generator=_gen(5), dtype=DT)
@@ -207,7 +207,7 @@ def test_latent_stsl_moment_matched_term_goes_through_the_decoder(latent_gaussia
     from hessdiff.samplers.loop import Run
 
     prior, ae, A, y, _, sy = latent_gaussian()
-    d_z, m = 4, 3
+    d_z, m = ae.W.shape[1], A.shape[0]
     den = GMMDenoiser(prior)
     grid = den.schedule.grid(10, "trailing")
     run = Run(den, grid, autoencoder=ae)
