@@ -91,16 +91,16 @@ def accepted_options(method: str) -> list[str]:
 
 
 def method_options(method: str, given: dict[str, Any], family: str | None = None,
-                   row: str | None = None) -> tuple[dict[str, Any], int]:
+                   row: str | None = None, task: str | None = None) -> tuple[dict[str, Any], int]:
     """``(options, steps)`` of ``method``: the defaults table's row (see
-    :func:`~hessdiff.samplers.defaults.method_defaults`) updated with ``given``; unknown names raise
-    ``ValueError`` listing the accepted ones."""
+    :func:`~hessdiff.samplers.defaults.method_defaults`; with ``task``, its per-task entries) updated with
+    ``given``; unknown names raise ``ValueError`` listing the accepted ones."""
     accepted = accepted_options(method)
     unknown = [k for k in given if k not in accepted]
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {method!r}; "
                          f"accepted: {', '.join(accepted)}")
-    opts = method_defaults(method, family, row)
+    opts = method_defaults(method, family, row, task)
     steps = int(opts.pop("steps"))
     opts.update(given)
     return opts, steps
@@ -130,7 +130,8 @@ def restore(model: Any, measurement: Any, *, method: str | None = None, steps: i
 
     method = method or default_method(model.is_latent)
     check_method(method, model.is_latent, model.source or "the model")
-    opts, default_steps = method_options(method, dict(options or {}), model_family(model.source), defaults)
+    opts, default_steps = method_options(method, dict(options or {}), model_family(model.source), defaults,
+                                         getattr(measurement, "task", None))
     steps = default_steps if steps is None else steps
     fill_sigma_y(method, opts, measurement)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:

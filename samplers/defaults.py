@@ -6,20 +6,33 @@ none) and ``recommended`` rows per model family (what our measurements chose, wi
 from). :func:`method_defaults` picks the recommended row of the model's family when there is one and the
 published row otherwise, so the same model, image and method give the same result from every entry
 point. ``steps`` is the default number of sampling steps; the other keys are the sampler's options.
+
+A row may also hold ``"tasks"``: per-task overrides where the paper (or its code) sets an option by task,
+keyed by a task name of :data:`hessdiff.tasks.TASKS` or a group of them (:data:`TASK_GROUPS`); the group's
+values apply first, then the task's own. They are applied when the task is known (``task=`` of
+:func:`method_defaults`): ``hessdiff restore``, :func:`hessdiff.restore` (the measurement's task), the
+pipeline and the sweeps.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DEFAULTS", "EMBEDDED_FAMILIES", "method_defaults", "model_family"]
+__all__ = ["DEFAULTS", "EMBEDDED_FAMILIES", "TASK_GROUPS", "method_defaults", "model_family", "task_overrides"]
+
+#: groups of task names a row's ``"tasks"`` overrides may name (the papers set options per problem kind)
+TASK_GROUPS: dict[str, tuple[str, ...]] = {
+    "inpainting": ("box_inpainting", "random_inpainting", "freeform_inpainting", "mask_inpainting"),
+    "deblurring": ("gaussian_blur", "motion_blur", "kernel_blur"),
+}
 
 #: method -> row -> options (+ ``steps``); a row named after a model family is that family's recommendation
 DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "dps": {
-        # Chung et al. 2023, 1000 DDPM steps, images in [-1, 1]; zeta 0.3 for super-resolution and blur
-        # (0.5 for inpainting); the released code clamps x0_hat to [-1, 1]
-        "published": {"steps": 1000, "zeta": 0.3, "clip_x0": 1.0, "ddim_eta": 1.0},
+        # Chung et al. 2023, 1000 DDPM steps, images in [-1, 1]; zeta 0.3 for super-resolution and blur,
+        # 0.5 for inpainting (configs/*_config.yaml); the released code clamps x0_hat to [-1, 1]
+        "published": {"steps": 1000, "zeta": 0.3, "clip_x0": 1.0, "ddim_eta": 1.0,
+                      "tasks": {"inpainting": {"zeta": 0.5}}},
         # a small search on 16 held-out digits, 12x12 box inpainting, 50 steps (README, BENCHMARKS.md)
         "mnist": {"steps": 50, "zeta": 2.0, "ddim_eta": 1.0},
     },
@@ -30,7 +43,8 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "psld": {
         # Rout et al. 2023: gamma 0.1, omega 1 (box inpainting: 0.01 and 0.1), 1000 DDIM steps
-        "published": {"steps": 1000, "gamma": 0.1, "omega": 1.0, "ddim_eta": 0.0},
+        "published": {"steps": 1000, "gamma": 0.1, "omega": 1.0, "ddim_eta": 0.0,
+                      "tasks": {"box_inpainting": {"gamma": 0.01, "omega": 0.1}}},
         "mnist": {"steps": 50, "gamma": 0.1, "omega": 1.0, "ddim_eta": 1.0},
     },
     "stsl": {
@@ -68,8 +82,11 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         # [-1, 1] (clip_denoised=True in utils/utils_model.py::model_fn); deblurring lambda = 7, zeta = 0.3
         # (main_ddpir_deblur.py / main_ddpir.py: lambda_ * 7, zeta * 3 over the configs' 1.0 and 0.1). The code's
         # lambda measures sigma_y on [0, 1] images, so on hessdiff's [-1, 1] scale lam = 7 / 4 (diffpir.py).
-        # (Super-resolution: zeta 0.25, lambda swept over 2..12; inpainting: 20 steps, lambda 1, zeta 1.)
-        "published": {"steps": 100, "lam": 7.0 / 4, "zeta": 0.3, "clip_x0": 1.0},
+        # Inpainting (main_ddpir_inpainting.py): 20 steps, lambda 1, zeta 1; super-resolution
+        # (main_ddpir_sisr.py): zeta 0.25 with lambda swept over 2..12 -- the deblurring 7 is in that range.
+        "published": {"steps": 100, "lam": 7.0 / 4, "zeta": 0.3, "clip_x0": 1.0,
+                      "tasks": {"inpainting": {"steps": 20, "lam": 1.0 / 4, "zeta": 1.0},
+                                "super_resolution": {"zeta": 0.25}}},
     },
     "daps": {
         # Zhang et al. 2024, zhangbingliang2019/DAPS (branch legacy = the paper's code: config/sampler/edm_daps.yaml,
@@ -77,7 +94,8 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         # levels x 5 Euler steps of the inner ODE (sigma_min 0.01), 100 Langevin steps, lr 1e-4 (5e-5 for box
         # inpainting and motion blur), lr_min_ratio 0.01, likelihood std tau = 0.01 (measurements have sigma 0.05)
         "published": {"steps": 200, "ode_steps": 5, "ode_sigma_min": 0.01, "langevin_steps": 100, "lr": 1e-4,
-                      "lr_min_ratio": 0.01, "tau": 0.01},
+                      "lr_min_ratio": 0.01, "tau": 0.01,
+                      "tasks": {"box_inpainting": {"lr": 5e-5}, "motion_blur": {"lr": 5e-5}}},
     },
 }
 
@@ -107,14 +125,37 @@ def model_family(source: str | None) -> str | None:
     return EMBEDDED_FAMILIES.get(path.name) if inside else None
 
 
-def method_defaults(method: str, family: str | None = None, row: str | None = None) -> dict[str, Any]:
-    """The defaults of ``method``: ``row`` if given (``"published"`` or a family name), else the
-    family's recommended row when it has one, else the published row. Returns a new dict with
-    ``steps`` and the sampler options."""
+def task_overrides(method: str, task: str | None, family: str | None = None, row: str | None = None
+                   ) -> dict[str, Any]:
+    """The per-task entries of ``method``'s row (see :func:`method_defaults`) that apply to ``task``:
+    its group's first, then its own; ``{}`` for no task or none set."""
+    if not task:
+        return {}
+    per_task = _row(method, family, row).get("tasks", {})
+    out: dict[str, Any] = {}
+    for group, names in TASK_GROUPS.items():
+        if task in names:
+            out.update(per_task.get(group, {}))
+    out.update(per_task.get(task, {}))
+    return out
+
+
+def _row(method: str, family: str | None, row: str | None) -> dict[str, Any]:
     if method not in DEFAULTS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(DEFAULTS)}")
     rows = DEFAULTS[method]
     key = row if row is not None else (family if family in rows else "published")
     if key not in rows:
         raise ValueError(f"method {method!r} has no defaults row {key!r}; rows: {', '.join(rows)}")
-    return dict(rows[key])
+    return rows[key]
+
+
+def method_defaults(method: str, family: str | None = None, row: str | None = None,
+                    task: str | None = None) -> dict[str, Any]:
+    """The defaults of ``method``: ``row`` if given (``"published"`` or a family name), else the
+    family's recommended row when it has one, else the published row; with ``task`` (a task name),
+    the row's overrides for that task on top (:func:`task_overrides`). Returns a new dict with
+    ``steps`` and the sampler options."""
+    out = {k: v for k, v in _row(method, family, row).items() if k != "tasks"}
+    out.update(task_overrides(method, task, family, row))
+    return out

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from hessdiff.samplers.api import RestoreResult, default_method
-from hessdiff.samplers.defaults import DEFAULTS
+from hessdiff.samplers.defaults import DEFAULTS, method_defaults
 from hessdiff.scripts.cli import CLIError
 
 __all__ = ["register", "run", "restore_image", "RestoreResult", "method_options", "DEFAULT_STEPS",
@@ -64,7 +64,7 @@ DEFAULT_STEPS = 50  # the embedded models' rows; other models take their method'
 #: unsquared (normalised) data term as DPS does.
 #: the options each method runs with on the embedded models (the defaults table's "mnist" rows)
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    m: {k: v for k, v in rows.get("mnist", rows["published"]).items() if k != "steps"} for m, rows in DEFAULTS.items()
+    m: {k: v for k, v in method_defaults(m, "mnist").items() if k != "steps"} for m in DEFAULTS
 }
 
 #: the option that sets each method's step size (named in the divergence hint)
@@ -127,13 +127,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ================================================================================ library part
-def method_options(method: str, given: dict[str, Any], family: str | None = "mnist") -> dict[str, Any]:
-    """The options of ``method`` from the defaults table (:mod:`hessdiff.samplers.defaults`) updated
-    with ``given``; unknown names raise :class:`CLIError` listing the accepted ones."""
+def method_options(method: str, given: dict[str, Any], family: str | None = "mnist",
+                   task: str | None = None) -> dict[str, Any]:
+    """The options of ``method`` from the defaults table (:mod:`hessdiff.samplers.defaults`; with ``task``,
+    its per-task entries) updated with ``given``; unknown names raise :class:`CLIError` listing the
+    accepted ones."""
     from hessdiff.samplers.api import method_options as _options
 
     try:
-        return _options(method, given, family)[0]
+        return _options(method, given, family, task=task)[0]
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
 
@@ -167,7 +169,8 @@ def restore_image(
     den = denoiser if denoiser is not None else make_denoiser(model)
     diverged = CLIError(f"{method} diverged (NaN or Inf values appeared); lower its step size "
                         f"({_STEP_OPTION.get(method, 'see --option')}) or use more --steps")
-    n = steps if steps is not None else int(method_defaults(method, model_family(model.source))["steps"])
+    n = steps if steps is not None else int(method_defaults(method, model_family(model.source),
+                                                            task=getattr(measurement, "task", None))["steps"])
     with StepProgress(n, method, enabled=progress) as bar:
         try:
             res = restore(model, measurement, method=method, steps=steps, seed=seed, options=options, denoiser=den,
@@ -358,8 +361,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"task {m.label or m.task} ({shown_params}), seed {args.seed}: {list(x.shape)} -> {list(m.y.shape)}")
         den = make_denoiser(model, prompt=args.prompt)
         family = model_family(source)
-        opts_shown = ", ".join(f"{k}={v}" for k, v in method_options(method, options, family).items())
-        steps = args.steps if args.steps is not None else int(method_defaults(method, family)["steps"])
+        opts_shown = ", ".join(f"{k}={v}" for k, v in method_options(method, options, family, m.task).items())
+        steps = args.steps if args.steps is not None else int(method_defaults(method, family, task=m.task)["steps"])
         say(f"method {method} ({opts_shown}), {steps} steps")
         try:
             res = restore_image(model, m, method=method, steps=steps, seed=args.seed, options=options,

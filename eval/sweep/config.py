@@ -68,7 +68,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -303,7 +303,8 @@ class MethodEntry:
     """A method from :data:`hessdiff.eval.sweep.methods.METHODS` with resolved options and step counts.
 
     ``steps`` is ``(0,)`` for methods that take no steps; ``models`` (labels) restricts the method to
-    those models, empty for every model.
+    those models, empty for every model. ``task_options``: task name -> the defaults table's per-task
+    entries for the options the configuration does not set (:meth:`for_task` applies them).
     """
 
     label: str
@@ -311,12 +312,20 @@ class MethodEntry:
     steps: tuple[int, ...]
     options: dict[str, Any]
     models: tuple[str, ...] = ()
+    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def resolved(self) -> dict[str, Any]:
         out = {"label": self.label, "name": self.name, "steps": list(self.steps), "options": self.options}
         if self.models:  # only when set, so that configurations without it keep their hashes
             out["models"] = list(self.models)
+        if self.task_options:
+            out["task_options"] = self.task_options
         return out
+
+    def for_task(self, task: str | None) -> MethodEntry:
+        """This entry as it runs on the task named ``task``: its options with that task's entries on top."""
+        extra = self.task_options.get(task or "", {})
+        return replace(self, options={**self.options, **extra}, task_options={})
 
     def runs_on(self, model: str) -> bool:
         """Whether this method runs on the model with label ``model``."""
@@ -546,13 +555,37 @@ def _table_defaults(mname: str, spec: Any, sources: Sequence[str]) -> dict[str, 
     """The method's row of the defaults table (:mod:`hessdiff.samplers.defaults`) for the family the
     entry's models share (the published row otherwise), restricted to the method's options, so that a
     sweep runs what ``hessdiff restore`` and the pipeline run on the same model."""
-    from hessdiff.samplers.defaults import DEFAULTS, method_defaults, model_family
+    from hessdiff.samplers.defaults import DEFAULTS, method_defaults
 
     if mname not in DEFAULTS:
         return {}
+    return {k: v for k, v in method_defaults(mname, _family(sources)).items() if k in spec.options}
+
+
+def _family(sources: Sequence[str]) -> str | None:
+    """The model family an entry's models share (None when they do not share one)."""
+    from hessdiff.samplers.defaults import model_family
+
     families = {model_family(str(src)) for src in sources}
-    family = families.pop() if len(families) == 1 else None
-    return {k: v for k, v in method_defaults(mname, family).items() if k in spec.options}
+    return families.pop() if len(families) == 1 else None
+
+
+def _table_task_options(mname: str, spec: Any, sources: Sequence[str], given: Mapping[str, Any]
+                        ) -> dict[str, dict[str, Any]]:
+    """Task name -> the defaults table's per-task entries of the method's row for the options that the
+    configuration does not set (a sweep runs on each task what ``hessdiff restore`` runs on it)."""
+    from hessdiff.samplers.defaults import DEFAULTS, task_overrides
+    from hessdiff.tasks import TASKS
+
+    if mname not in DEFAULTS:
+        return {}
+    out = {}
+    for task in sorted(TASKS):
+        extra = {k: v for k, v in task_overrides(mname, task, _family(sources)).items()
+                 if k in spec.options and k not in given}
+        if extra:
+            out[task] = extra
+    return out
 
 
 def _parse_methods(name: str, raw: Any, methods: Mapping[str, Any], model_labels: Sequence[str] = (),
@@ -585,6 +618,7 @@ def _parse_methods(name: str, raw: Any, methods: Mapping[str, Any], model_labels
         sources = [str((model_sources or {}).get(lb, lb)) for lb in entry_models if isinstance(lb, str)]
         try:
             options = spec.resolve_options({**_table_defaults(mname, spec, sources), **dict(opts)})
+            task_options = _table_task_options(mname, spec, sources, opts)
         except ValueError as exc:
             raise SweepConfigError(f"{where}: {exc}") from exc
         label = _label(where, "label", t["label"]) if "label" in t else _slug(mname)
@@ -602,7 +636,8 @@ def _parse_methods(name: str, raw: Any, methods: Mapping[str, Any], model_labels
                 raise SweepConfigError(f"{where}: models: unknown model label {unknown[0]!r} (the [[models]] "
                                        f"labels are: {', '.join(model_labels) or 'none'})")
             mlabels = tuple(dict.fromkeys(raw_models))
-        out.append(MethodEntry(label=label, name=mname, steps=steps, options=_plain(options, where), models=mlabels))
+        out.append(MethodEntry(label=label, name=mname, steps=steps, options=_plain(options, where), models=mlabels,
+                               task_options={k: _plain(v, where) for k, v in task_options.items()}))
     _unique(name, "[[methods]]", [m.label for m in out])
     return tuple(out)
 

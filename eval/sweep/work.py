@@ -144,9 +144,10 @@ def _build_work(cfg: SweepConfig, data: _ImageSet | None, ref: _ImageSet | None,
     for model in models:
         for task in tasks:
             tlabel = task.label if task else UNCONDITIONAL
-            for method in cfg.methods:
-                if not method.runs_on(model):
+            for entry in cfg.methods:
+                if not entry.runs_on(model):
                     continue
+                method = entry.for_task(task.task_name if task else None)
                 for steps in method.steps:
                     label = f"{model}/{tlabel}/{method.label}/{steps}"
                     folder = f"items/{model}/{tlabel}/{method.label}/steps-{steps}"

@@ -38,10 +38,11 @@ __all__ = ["PosteriorSamplingPipeline", "PosteriorSamplingOutput", "VAEAutoencod
 
 #: default ``num_inference_steps`` per method: the defaults table's published rows
 #: (:mod:`hessdiff.samplers.defaults`, shared with ``hessdiff restore`` and :func:`hessdiff.restore`)
-DEFAULT_STEPS: dict[str, int] = {m: int(rows["published"]["steps"]) for m, rows in DEFAULTS.items()}
-#: options the pipeline passes unless overridden in ``method_kwargs``: the same published rows
+DEFAULT_STEPS: dict[str, int] = {m: int(method_defaults(m, row="published")["steps"]) for m in DEFAULTS}
+#: options the pipeline passes unless overridden in ``method_kwargs``: the same published rows (with their
+#: per-task entries on top when the task is known: a ``Measurement`` or a ``Task``)
 DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
-    m: {k: v for k, v in rows["published"].items() if k != "steps"} for m, rows in DEFAULTS.items()
+    m: {k: v for k, v in method_defaults(m, row="published").items() if k != "steps"} for m in DEFAULTS
 }
 
 
@@ -285,7 +286,9 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         if not bool(torch.isfinite(y).all()):
             raise ValueError("the measurement contains NaN or Inf")
         # the defaults table's row for this model (the embedded models' own rows when loaded from their folders)
-        defaults = method_defaults(method, model_family(getattr(self, "name_or_path", None)))
+        task_name = next((n for n in (getattr(measurement, "task", None), getattr(task, "name", None))
+                          if isinstance(n, str)), None)
+        defaults = method_defaults(method, model_family(getattr(self, "name_or_path", None)), task=task_name)
         default_steps = int(defaults.pop("steps"))
         steps = default_steps if num_inference_steps is None else int(num_inference_steps)
         batch = int(num_samples) if num_samples is not None else int(y.shape[0])

@@ -240,3 +240,24 @@ def test_covariance_family_in_the_pipeline_takes_sigma_y_from_the_measurement(me
     assert bool(torch.isfinite(a).all())
     with pytest.raises(ValueError, match="needs the measurement's noise level"):  # a bare tensor has none
         pipe(m.y, m.operator, **kw, method_kwargs=extra, generator=torch.Generator().manual_seed(0))
+
+
+def test_the_task_of_a_measurement_or_task_selects_the_per_task_defaults():
+    """DiffPIR's published row sets lam / zeta / steps per task: a Measurement or a Task names the task;
+    a bare operator does not, and runs the row's base values."""
+    from hessdiff.samplers.defaults import method_defaults
+    from hessdiff.tasks import make_task
+
+    pipe = PosteriorSamplingPipeline(unet=_pixel_unet(), scheduler=DDPMScheduler(num_train_timesteps=100))
+    task = make_task("random_inpainting", drop=0.5, sigma_y=0.05)
+    m = task.measure(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1, seed=0)
+    row = method_defaults("diffpir", task="random_inpainting")
+    kw = dict(method="diffpir", output_type="pt", progress=False)
+    a = pipe(m, **kw, generator=torch.Generator().manual_seed(0))
+    explicit = pipe(m.y, m.operator, **kw, num_inference_steps=row["steps"], generator=torch.Generator().manual_seed(0),
+                    method_kwargs={"sigma_y": 0.05, "lam": row["lam"], "zeta": row["zeta"]})
+    torch.testing.assert_close(a.images, explicit.images)
+    assert a.cost.nfe == row["steps"]
+    base = pipe(m.y, m.operator, **kw, num_inference_steps=row["steps"], generator=torch.Generator().manual_seed(0),
+                method_kwargs={"sigma_y": 0.05})
+    assert not torch.allclose(a.images, base.images)
