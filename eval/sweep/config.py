@@ -12,6 +12,7 @@ Schema (all sections but ``[[methods]]`` are optional)::
     seeds = "0-3"                 # int, list of ints, or "0-3,7,10-12" (EDM style); default [0]
     batch_size = 1                # items processed together (same configuration); default 1
     save_images = true            # write one PNG per item; default true
+    interleave = false            # run the methods' batches in turn on the same images (fair wall clock)
 
     [[models]]                    # diffusion models (omit for model-free methods such as "pinv")
     name = "mnist"                # embedded name, local diffusers folder (relative to this file) or hub id
@@ -116,7 +117,7 @@ model, else ``inception``."""
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 _TOP_KEYS = ("sweep", "models", "data", "tasks", "methods", "metrics")
-_SWEEP_KEYS = ("name", "seeds", "batch_size", "save_images")
+_SWEEP_KEYS = ("name", "seeds", "batch_size", "save_images", "interleave")
 _MODEL_KEYS = ("name", "label")
 _DATA_KEYS = ("folder", "embedded", "first_n", "resolution", "channels", "resize", "order", "recursive",
               "base_seed", "check")
@@ -380,6 +381,7 @@ class SweepConfig:
     tasks: tuple[TaskEntry, ...]
     methods: tuple[MethodEntry, ...]
     metrics: MetricsEntry
+    interleave: bool = False
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -400,6 +402,8 @@ class SweepConfig:
             "tasks": [t.resolved() for t in self.tasks],
             "methods": [m.resolved() for m in self.methods],
             "metrics": self.metrics.resolved(),
+            # only when set: the batch order is not part of any result, and older sweeps keep their hash
+            **({"interleave": True} if self.interleave else {}),
         }
 
     def hash(self) -> str:
@@ -735,6 +739,7 @@ def parse_config(raw: Mapping[str, Any], *, name: str = "sweep config", base_dir
     seeds = parse_seeds(sweep.get("seeds", [0]), f"{w} seeds")
     batch_size = _int(w, "batch_size", sweep.get("batch_size", 1), minimum=1)
     save_images = _bool(w, "save_images", sweep.get("save_images", True))
+    interleave = _bool(w, "interleave", sweep.get("interleave", False))
 
     models = _parse_models(name, top["models"], base) if "models" in top else ()
     data = _parse_data(name, top["data"], base) if "data" in top else None
@@ -764,7 +769,8 @@ def parse_config(raw: Mapping[str, Any], *, name: str = "sweep config", base_dir
         raise SweepConfigError(f"{name}: [data]: without [[models]] the image size must be given: resolution = ...")
     metrics = _parse_metrics(name, top.get("metrics", {}), has_data=data is not None, models=models, base=base)
     return SweepConfig(name=sname, seeds=seeds, batch_size=batch_size, save_images=save_images, models=models,
-                       data=data, tasks=tasks, methods=mlist, metrics=metrics, source=source)
+                       data=data, tasks=tasks, methods=mlist, metrics=metrics, interleave=interleave,
+                       source=source)
 
 
 def check_models(cfg: SweepConfig) -> None:

@@ -159,7 +159,27 @@ def _build_work(cfg: SweepConfig, data: _ImageSet | None, ref: _ImageSet | None,
                         pairs = ((i, s, f"{label}/{data.ids[i]}/s{s}", f"{folder}/{data.ids[i]}_s{s}")
                                  for i in range(len(data)) for s in cfg.seeds)
                     add_unit(unit, pairs)
-    return items, batches
+    return items, (_interleaved(batches) if cfg.interleave else batches)
+
+
+def _interleaved(batches: list[tuple[_Unit, list[_Item]]]) -> list[tuple[_Unit, list[_Item]]]:
+    """The batches in turn: for each model and task, the k-th batch of every (method, steps) unit (the same
+    images), the units' order rotated by k, so that every method meets the same machine load."""
+    out = [b for b in batches if b[0].kind != "sample"]
+    groups: dict[tuple[str, str], dict[str, list[tuple[_Unit, list[_Item]]]]] = {}
+    for b in batches:
+        if b[0].kind == "sample":
+            unit = b[0]
+            key = (unit.model, unit.task.label if unit.task else UNCONDITIONAL)
+            groups.setdefault(key, {}).setdefault(unit.label, []).append(b)
+    for units in groups.values():
+        lists = list(units.values())
+        for k in range(max(len(u) for u in lists)):
+            for r in range(len(lists)):
+                unit_batches = lists[(k + r) % len(lists)]
+                if k < len(unit_batches):
+                    out.append(unit_batches[k])
+    return out
 
 
 def _record_current(rec: Any, item: _Item, sweep_hash: str) -> bool:

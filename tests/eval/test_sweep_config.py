@@ -263,3 +263,24 @@ def test_tune_sets_are_the_balanced_tail_disjoint_from_reported_first_n(family, 
                         "data": {"embedded": f"{family}-tune", "first_n": 10},
                         "tasks": [{"name": "denoising"}], "methods": [{"name": "pinv"}]}, name="t.toml")
     assert cfg.data.embedded == f"{family}-tune"
+
+
+def test_interleave_runs_the_methods_in_turn_on_the_same_batches():
+    from hessdiff.eval.sweep.work import _build_work
+
+    gen = {"sweep": {"seeds": "0-5", "batch_size": 2}, "models": [{"name": "mnist"}],
+           "methods": [{"name": "ddim", "steps": 4}, {"name": "dpm++", "steps": [3, 5]}], "metrics": {"fid": False}}
+    plain = parse_config(gen, name="g.toml")
+    mixed = parse_config({**gen, "sweep": {**gen["sweep"], "interleave": True}}, name="g.toml")
+    assert "interleave" not in plain.resolved() and mixed.resolved()["interleave"] is True
+    items_p, batches_p = _build_work(plain, None, None)
+    items_m, batches_m = _build_work(mixed, None, None)
+    assert [it.key for it in items_m] == [it.key for it in items_p]  # the same items, only their order differs
+    assert sorted(tuple(it.key for it in b) for _, b in batches_m) == sorted(tuple(it.key for it in b)
+                                                                           for _, b in batches_p)
+    short = [(u.label.split("/", 2)[2], tuple(it.seed for it in b)) for u, b in batches_m]
+    assert short == [("ddim/4", (0, 1)), ("dpm++/3", (0, 1)), ("dpm++/5", (0, 1)),
+                     ("dpm++/3", (2, 3)), ("dpm++/5", (2, 3)), ("ddim/4", (2, 3)),
+                     ("dpm++/5", (4, 5)), ("ddim/4", (4, 5)), ("dpm++/3", (4, 5))]
+    with pytest.raises(SweepConfigError, match="interleave"):
+        parse_config({**gen, "sweep": {"interleave": "yes"}}, name="g.toml")

@@ -151,6 +151,22 @@ def test_interrupted_in_pieces_equals_one_run(tmp_path):
     assert not list(piece.rglob("*.tmp"))
 
 
+def test_interleaved_run_gives_the_same_items(tmp_path):
+    """``interleave = true`` only reorders the batches: every item's record is that of the plain run."""
+    data = make_folder(tmp_path / "imgs", 3)
+    raw = restoration_config(data)
+    raw["sweep"]["batch_size"] = 2
+    raw["methods"] = [{"name": "pinv"}, {"name": "adjoint"}]
+    run_sweep(parse_config(raw, name="t.toml"), tmp_path / "plain", plots=False)
+    raw["sweep"]["interleave"] = True
+    run_sweep(parse_config(raw, name="t.toml"), tmp_path / "mixed", plots=False)
+    plain, mixed = records(tmp_path / "plain"), records(tmp_path / "mixed")
+    assert len(plain) == 2 * 2 * 3 * 2  # tasks x methods x images x seeds
+    drop = ("index", "run", "config", "sweep_hash")  # position in the file, timing, the sweep-level identity
+    assert {k: {f: v for f, v in r.items() if f not in drop} for k, r in mixed.items()} == \
+        {k: {f: v for f, v in r.items() if f not in drop} for k, r in plain.items()}
+
+
 def test_folder_checks_and_bad_data(tmp_path):
     data = make_folder(tmp_path / "imgs", 2)
     cfg = parse_config(restoration_config(data, fid=False, kid=False), name="t.toml")
