@@ -43,7 +43,10 @@ class LikelihoodDenoiser:
     """What the covariance-aware denoiser transforms (MMPS, TMPD, ΠGDM) share: the prior ``denoiser``, the
     linear measurement ``y = A x + n`` (``operator``, ``y``, ``n ~ N(0, sigma_y^2 I)``), an optional
     ``autoencoder`` (latent space: the measurement is ``A(D(z0))``), ``clip_x0`` and the schedule; checks
-    them and measures ``x0`` (:meth:`_measure`)."""
+    them and measures ``x0`` (:meth:`_measure`).
+
+    ``clip_x0`` clamps a pixel-space ``x0_hat`` (the papers clamp the image to ``[-1, 1]``); with an
+    ``autoencoder`` ``x0_hat`` is a latent, which has no such range, and the clamp is not applied."""
 
     def __init__(self, denoiser: Any, operator: Any, y: Any, sigma_y: float, *, autoencoder: Any | None = None,
                  clip_x0: float | None = None) -> None:
@@ -52,11 +55,23 @@ class LikelihoodDenoiser:
             raise ValueError(f"clip_x0 must be positive or None, got {clip_x0}")
         self.denoiser, self.operator, self.y = denoiser, operator, y
         self.sigma_y = float(sigma_y)
-        self.autoencoder, self.clip_x0 = autoencoder, clip_x0
+        self.autoencoder = autoencoder
+        self.clip_x0 = clip_x0 if autoencoder is None else None  # an image range, not a latent one
         self.schedule = denoiser.schedule
 
     def _measure(self, x0: Any) -> Any:
         return self.operator(x0 if self.autoencoder is None else self.autoencoder.decode(x0))
+
+
+def forward_jvp(f: Callable[[Tensor], Tensor], z: Tensor, w: Tensor) -> Tensor:
+    """``J_f(z) w`` by forward-mode AD (e.g. ``A J_D w`` through a decoder at ``z``).
+
+    Runs under PyTorch's math attention backend: the fused CPU attention kernel (in the decoders of
+    diffusers VAEs, e.g. their mid-block attention) has no forward-mode rule."""
+    from ..lml.curvature import _math_attention
+
+    with _math_attention():
+        return torch.func.jvp(f, (z,), (w.to(z.dtype),))[1]
 
 
 def _require_autoencoder(autoencoder: Any, method: str, needs_encode: bool) -> None:

@@ -29,7 +29,7 @@ from ..loop import CountingDenoiser, Result
 from ..schedule import TimeGrid
 from ..solvers import DDIM
 from .krylov import KRYLOV_SOLVERS
-from .measurement import LikelihoodDenoiser, _check_nonneg, _choice, prepare_measurement
+from .measurement import LikelihoodDenoiser, _check_nonneg, _choice, forward_jvp, prepare_measurement
 from .result import Cost, run_posterior
 
 __all__ = ["MMPSDenoiser", "moment_matched_solve", "sample_mmps"]
@@ -87,7 +87,7 @@ def moment_matched_solve(ax: Tensor, x: Tensor, y: Tensor, sigma_y: float, c: fl
     def lin(w: Tensor) -> Tensor:  # A w (latent: A J_D w, a decoder JVP at x0_hat)
         if not through_decoder:
             return measure(w)
-        return torch.func.jvp(measure, (z0,), (w.to(z0.dtype),))[1]
+        return forward_jvp(measure, z0, w)
 
     def vjp(v: Tensor) -> Tensor:  # J^T A^T v (through the decoder: J^T J_D^T A^T v)
         (g,) = torch.autograd.grad(ax, x, grad_outputs=v.reshape(shape).to(ax.dtype), retain_graph=True)

@@ -51,7 +51,7 @@ from ..denoiser import Prediction, broadcast_time
 from ..loop import Result
 from ..schedule import TimeGrid
 from .krylov import cg
-from .measurement import LikelihoodDenoiser, _choice
+from .measurement import LikelihoodDenoiser, _choice, forward_jvp
 from .mmps import run_transform_on_ddim
 
 __all__ = ["PiGDMDenoiser", "sample_pigdm", "PIGDM_SCALINGS"]
@@ -110,7 +110,7 @@ class PiGDMDenoiser(LikelihoodDenoiser):
             if self.autoencoder is None:
                 return self.operator(w)
             z0 = x0.detach()
-            return torch.func.jvp(self._measure, (z0,), (w.to(z0.dtype),))[1]
+            return forward_jvp(self._measure, z0, w)
 
         if lam == 0.0 and self.autoencoder is None and callable(getattr(self.operator, "pinv", None)) \
                 and getattr(self.operator, "has_pinv", True):

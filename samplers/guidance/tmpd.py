@@ -38,7 +38,7 @@ from torch import Tensor
 from ..denoiser import Prediction, broadcast_time
 from ..loop import Result
 from ..schedule import TimeGrid
-from .measurement import LikelihoodDenoiser
+from .measurement import LikelihoodDenoiser, forward_jvp
 from .mmps import run_transform_on_ddim
 
 __all__ = ["TMPDDenoiser", "sample_tmpd"]
@@ -80,7 +80,7 @@ class TMPDDenoiser(LikelihoodDenoiser):
             if self.autoencoder is None:
                 return self.operator(w)
             z0 = pred.x0.detach()
-            return torch.func.jvp(self._measure, (z0,), (w.to(z0.dtype),))[1]
+            return forward_jvp(self._measure, z0, w)
 
         d = lin(vjp(torch.ones_like(ax))).reshape(B, -1).to(torch.float64)  # A J A^T 1
         var = (c * d).clamp(min=self.variance_floor)

@@ -217,6 +217,34 @@ def test_latent_model_psld_and_stsl(tmp_path, digit_png, latent_model_dir):
         assert _png(out / "restored.png").shape == (32, 32)
 
 
+def test_latent_model_covariance_aware_methods(tmp_path, digit_png, latent_model_dir):
+    # MMPS, ΠGDM and TMPD apply the decoder's Jacobian by forward-mode AD; the VAE's decoder has a mid-block
+    # attention layer in float32, whose fused CPU kernel has no forward-mode rule (they must still run)
+    for method in ("mmps", "pigdm", "tmpd"):
+        out = tmp_path / method
+        assert _main(str(digit_png), "--task", "gaussian-blur", "--param", "kernel_size=5", "--param", "std=1.0",
+                     "--method", method, "--model", str(latent_model_dir), "--out", str(out), *FAST) == 0
+        report = json.loads((out / "metrics.json").read_text())
+        assert report["space"] == "latent" and report["cost"]["decoder_backward"] > 0
+        assert _png(out / "restored.png").shape == (32, 32)
+
+
+def test_latent_x0_clamp_is_not_applied_to_latents():
+    # clip_x0 is an image range ([-1, 1]); with an autoencoder x0_hat is a latent and must not be clamped
+    from hessdiff.samplers.guidance.mmps import MMPSDenoiser
+
+    class Dec:
+        def decode(self, z):
+            return 3.0 * z
+
+    class Den:
+        schedule = object()
+
+    op = lambda x: x  # noqa: E731
+    y = torch.zeros(1, 4)
+    assert MMPSDenoiser(Den(), op, y, 0.1, clip_x0=1.0).clip_x0 == 1.0
+    assert MMPSDenoiser(Den(), op, y, 0.1, autoencoder=Dec(), clip_x0=1.0).clip_x0 is None
+
 def test_text_conditional_model_uses_its_text_encoder(tmp_path, digit_png, text_model_dir):
     out = tmp_path / "sd"
     assert _main(str(digit_png), "--task", "box-inpainting", "--param", "box_size=8", "--method", "psld",
