@@ -60,8 +60,8 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         # 10 steps was their best on SR x4 and motion deblur, 100 steps the second table row
         "published": {"steps": 100, "iterations": 5, "solver": "gmres", "ddim_eta": 1.0, "clip_x0": 1.0},
         # 20 steps on the embedded models: on Fashion it matches or beats DPS at 100 steps at about the same
-        # time (140 network passes against 200) and DPS at 1000 steps at 1/14 of its time (fashion-posterior,
-        # fashion-mmps-dps1000 sweeps; BENCHMARKS.md)
+        # time (140 network passes against 200) and DPS at 1000 steps (40 images) at 1/13.5 of its time,
+        # interleaved (fashion-posterior, fashion-mmps-dps1000 sweeps; BENCHMARKS.md)
         "mnist": {"steps": 20, "iterations": 5, "solver": "gmres", "ddim_eta": 1.0, "clip_x0": 1.0},
     },
     "tmpd": {
