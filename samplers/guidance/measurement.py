@@ -124,18 +124,24 @@ def prepare_measurement(operator: Any, y: Tensor, data_shape: Sequence[int], dty
     return y.to(device=device, dtype=dtype)
 
 
-def _data_shape(run: Run, z: Tensor) -> tuple[int, ...]:
-    """The data-space shape of the state ``z`` (``z``'s own without an autoencoder; otherwise the
-    autoencoder's ``data_shape`` / ``data_dim``, or one counted decode of ``z[:1]``)."""
-    ae = run.autoencoder
-    if ae is None:
+def latent_data_shape(autoencoder: Any | None, z: Tensor, decode: Callable[[Tensor], Tensor] | None = None
+                      ) -> tuple[int, ...]:
+    """The data-space shape of the state ``z``: ``z``'s own without an autoencoder; otherwise the
+    autoencoder's ``data_shape(latent_shape)`` / ``data_dim``, or the shape of one decode of ``z[:1]``
+    (``decode``, e.g. a counted one; default the autoencoder's)."""
+    if autoencoder is None:
         return tuple(z.shape)
-    if hasattr(ae, "data_shape"):
-        return tuple(ae.data_shape(tuple(z.shape)))
-    if hasattr(ae, "data_dim"):
-        return (z.shape[0], int(ae.data_dim))
+    if hasattr(autoencoder, "data_shape"):
+        return tuple(autoencoder.data_shape(tuple(z.shape)))
+    if hasattr(autoencoder, "data_dim"):
+        return (z.shape[0], int(autoencoder.data_dim))
     with torch.no_grad():
-        return (z.shape[0],) + tuple(run.decode(z[:1]).shape[1:])
+        return (z.shape[0],) + tuple((decode or autoencoder.decode)(z[:1]).shape[1:])
+
+
+def _data_shape(run: Run, z: Tensor) -> tuple[int, ...]:
+    """The data-space shape of the run's state ``z`` (:func:`latent_data_shape`, a counted decode)."""
+    return latent_data_shape(run.autoencoder, z, run.decode)
 
 
 def _measurement(run: Run, operator: Any, y: Tensor, z: Tensor) -> Tensor:

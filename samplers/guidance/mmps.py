@@ -29,7 +29,14 @@ from ..loop import CountingDenoiser, Result
 from ..schedule import TimeGrid
 from ..solvers import DDIM
 from .krylov import KRYLOV_SOLVERS
-from .measurement import LikelihoodDenoiser, _check_nonneg, _choice, forward_jvp, prepare_measurement
+from .measurement import (
+    LikelihoodDenoiser,
+    _check_nonneg,
+    _choice,
+    forward_jvp,
+    latent_data_shape,
+    prepare_measurement,
+)
 from .result import Cost, run_posterior
 
 __all__ = ["MMPSDenoiser", "moment_matched_solve", "sample_mmps"]
@@ -126,8 +133,7 @@ def run_transform_on_ddim(name: str, make: Any, denoiser: Any, operator: Any, y:
     if not (isinstance(x, Tensor) and math.isfinite(float(sigma_y))):
         raise ValueError(f"{name} needs a tensor x and a finite sigma_y")
     counted = CountingDenoiser(denoiser, autoencoder)
-    data_shape = x.shape if autoencoder is None else autoencoder.data_shape(tuple(x.shape)) \
-        if hasattr(autoencoder, "data_shape") else (x.shape[0], int(autoencoder.data_dim))
+    data_shape = latent_data_shape(autoencoder, x, None if autoencoder is None else counted.decode)
     yb = prepare_measurement(operator, y, data_shape, torch.float64 if x.dtype == torch.float64 else torch.float32,
                              x.device)
     guided = make(counted, yb, None if autoencoder is None else _Decoder(counted))

@@ -212,6 +212,32 @@ def test_latent_runs_through_the_decoder(latent_gaussian):
     assert res.cost.network_backward == steps and res.cost.decoder_backward == steps * (3 + 1)
 
 
+def test_latent_autoencoder_with_only_encode_and_decode(latent_gaussian):
+    # an autoencoder that says nothing of its data shape (as the sweeps' wrapper of a latent model): the shape
+    # is read from one decode, and the run equals the one with the oracle's own autoencoder
+    from hessdiff.samplers.guidance import sample_mmps
+
+    class Plain:
+        def __init__(self, ae):
+            self.ae = ae
+
+        def encode(self, x):
+            return self.ae.encode(x)
+
+        def decode(self, z):
+            return self.ae.decode(z)
+
+    prior, ae, A, y, _, _ = latent_gaussian("diagonal", 0.1)
+    den = GMMDenoiser(prior)
+    grid = den.schedule.grid(5, "trailing")
+    z = float(grid.sigma[0]) * torch.randn(20, 4, generator=_gen(5), dtype=DT)
+    for fn, opts in ((sample_mmps, {}), (sample_tmpd, {}), (sample_pigdm, {"cg_iterations": 3})):
+        ref = fn(den, MatrixOperator(A), y, z, grid, ae, sigma_y=0.1, generator=_gen(6), **opts)
+        res = fn(den, MatrixOperator(A), y, z, grid, Plain(ae), sigma_y=0.1, generator=_gen(6), **opts)
+        assert torch.allclose(res.samples, ref.samples, rtol=0, atol=1e-12), fn.__name__
+        assert res.images.shape == ref.images.shape == (20, 10)
+
+
 def test_float32_runs_stay_float32_and_finite():
     prior, A, y, post = _mask_problem(sigma_y=0.0)
     den = GMMDenoiser(prior)
