@@ -1,50 +1,36 @@
 """hessdiff.samplers: noise schedules, the denoiser contract, exact Gaussian-mixture oracles and
-diffusion solvers (DDIM, DPM-Solver, DPM-Solver++, flow-matching Euler)."""
+diffusion solvers (DDIM, DPM-Solver, DPM-Solver++, flow-matching Euler).
 
-from .denoiser import (
-    PREDICTION_TYPES,
-    CallableDenoiser,
-    Denoiser,
-    Prediction,
-    UNetDenoiser,
-    convert_prediction,
-)
-from .loop import Cost, CountingDenoiser, Method, Proposal, Result, sample
-from .oracles.gmm import (
-    GaussianMixture,
-    GMMDenoiser,
-    GMMProblem,
-    LinearAutoencoder,
-    cifar_like_spectrum,
-    grid_gmm_prior,
-    grid_gmm_problem,
-)
-from .schedule import (
-    ContinuousVPSchedule,
-    DiscreteVPSchedule,
-    FlowMatchingSchedule,
-    NoiseSchedule,
-    TimeGrid,
-    schedule_from_config,
-)
-from .solvers import (
-    SOLVERS,
-    StepContext,
-    StepCorrection,
-    get_solver,
-    randn_like,
-    sample_ddim,
-    sample_dpm_solver,
-    sample_dpm_solver_pp,
-    sample_flow_euler,
-)
+The names below are imported from their submodules on first use, so that importing a light submodule
+(``hessdiff.samplers.defaults``, e.g. for ``hessdiff --help``) does not import torch."""
 
-__all__ = [
-    "PREDICTION_TYPES", "CallableDenoiser", "CountingDenoiser", "Cost", "Method", "Proposal", "Result",
-    "sample", "Denoiser", "Prediction", "UNetDenoiser",
-    "convert_prediction", "GaussianMixture", "GMMDenoiser", "GMMProblem", "LinearAutoencoder",
-    "cifar_like_spectrum", "grid_gmm_prior", "grid_gmm_problem", "ContinuousVPSchedule", "DiscreteVPSchedule",
-    "FlowMatchingSchedule", "NoiseSchedule", "TimeGrid", "schedule_from_config", "SOLVERS", "StepContext",
-    "StepCorrection", "get_solver", "randn_like", "sample_ddim", "sample_dpm_solver", "sample_dpm_solver_pp",
-    "sample_flow_euler",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("PREDICTION_TYPES", "CallableDenoiser", "Denoiser", "Prediction", "UNetDenoiser",
+                     "convert_prediction"), ".denoiser"),
+    **dict.fromkeys(("Cost", "CountingDenoiser", "Method", "Proposal", "Result", "sample"), ".loop"),
+    **dict.fromkeys(("GaussianMixture", "GMMDenoiser", "GMMProblem", "LinearAutoencoder", "cifar_like_spectrum",
+                     "grid_gmm_prior", "grid_gmm_problem"), ".oracles.gmm"),
+    **dict.fromkeys(("ContinuousVPSchedule", "DiscreteVPSchedule", "FlowMatchingSchedule", "NoiseSchedule",
+                     "TimeGrid", "schedule_from_config"), ".schedule"),
+    **dict.fromkeys(("SOLVERS", "StepContext", "StepCorrection", "get_solver", "randn_like", "sample_ddim",
+                     "sample_dpm_solver", "sample_dpm_solver_pp", "sample_flow_euler"), ".solvers"),
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

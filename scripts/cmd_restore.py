@@ -26,15 +26,15 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from torch import Tensor
-
-from hessdiff.samplers.api import RestoreResult, default_method
 from hessdiff.samplers.defaults import DEFAULTS, method_defaults
 from hessdiff.scripts.cli import CLIError
+
+if TYPE_CHECKING:  # torch, numpy and the samplers are imported when a command runs, not for --help
+    from torch import Tensor
+
+    from hessdiff.samplers.api import RestoreResult
 
 __all__ = ["register", "run", "restore_image", "RestoreResult", "method_options", "DEFAULT_STEPS",
            "METHOD_DEFAULTS", "default_method"]
@@ -140,6 +140,13 @@ def method_options(method: str, given: dict[str, Any], family: str | None = "mni
         raise CLIError(str(exc)) from exc
 
 
+def default_method(is_latent: bool) -> str:
+    """:func:`hessdiff.samplers.api.default_method`: the CLI's method when ``--method`` is not given."""
+    from hessdiff.samplers.api import default_method as _default
+
+    return _default(is_latent)
+
+
 def restore_image(
     model: Any,
     measurement: Any,
@@ -152,6 +159,8 @@ def restore_image(
     progress: bool = False,
 ) -> RestoreResult:
     """:func:`hessdiff.restore` with a progress bar, the CLI's checks and its errors (:class:`CLIError`)."""
+    import torch
+
     from hessdiff.samplers.api import check_method, restore
     from hessdiff.samplers.defaults import method_defaults, model_family
     from hessdiff.scripts._common import StepProgress, make_denoiser
@@ -211,6 +220,8 @@ def _fit_image(x: Tensor, resolution: int, no_resize: bool, source: str) -> tupl
     if no_resize:
         raise CLIError(f"the image is {h}x{w} (HxW) but {source} takes {resolution}x{resolution} images; "
                        "resize it, or leave out --no-resize to let hessdiff centre-crop and resize it")
+    import numpy as np
+    import torch
     from PIL import Image
 
     from hessdiff.eval.images import resize_image
@@ -259,6 +270,8 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from hessdiff.samplers.api import check_method
     from hessdiff.samplers.defaults import method_defaults, model_family
     from hessdiff.scripts._common import (
@@ -413,3 +426,11 @@ def run(args: argparse.Namespace) -> int:
     paths = {p.name: p for p in written}
     print("wrote " + ", ".join(str(paths[n]) for n in order))
     return 0
+
+
+def __getattr__(name: str) -> Any:  # the library names re-exported here, imported on first use
+    if name == "RestoreResult":
+        from hessdiff.samplers.api import RestoreResult
+
+        return RestoreResult
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

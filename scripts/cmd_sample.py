@@ -25,12 +25,12 @@ import argparse
 import math
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from hessdiff.scripts.cli import CLIError
+
+if TYPE_CHECKING:  # torch is imported when the command runs, not for --help
+    from torch import Tensor
 
 __all__ = ["register", "run", "sample_images", "SAMPLERS", "LML_VARIANTS", "DEFAULT_STEPS", "seed_filename"]
 
@@ -177,6 +177,8 @@ def sample_images(
     ``wall_time_s``, the resolved sampler). Sample ``i`` starts from ``sigma_0 * randn`` drawn on the CPU
     from ``torch.Generator().manual_seed(seeds[i])``, which also drives its sampler noise.
     """
+    import torch
+
     from hessdiff.samplers.loop import CountingDenoiser
     from hessdiff.samplers.solvers import get_solver
     from hessdiff.scripts._common import StepProgress, make_autoencoder, make_denoiser
@@ -250,6 +252,8 @@ def _seed_text(seeds: list[int]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from hessdiff.scripts._common import (
         OutputDir,
         image_grid,

@@ -88,3 +88,21 @@ def test_cli_library_and_pipeline_agree_on_the_embedded_model(monkeypatch):
     out = pipe(m, method="dps", generator=torch.Generator().manual_seed(0), output_type="pt", progress=False)
     res = hessdiff.restore(hessdiff.load_model("mnist"), m, seed=0)
     assert torch.equal(out.images, res.restored)
+
+
+def test_cli_help_does_not_import_torch():
+    """``hessdiff --help`` (every sub-command's parser) and the light modules it reads (the defaults table)
+    do not import torch: it took ~4 s of a 5 s ``--help`` on the development machine."""
+    code = (
+        "import sys\n"
+        "from hessdiff.scripts import cli\n"
+        "cli.build_parser()\n"
+        "from hessdiff.samplers.defaults import method_defaults\n"
+        "method_defaults('dps', 'mnist')\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('hessdiff'))\n"
+        "import hessdiff.samplers as s\n"
+        "from hessdiff.samplers.loop import sample\n"
+        "assert s.sample is sample and 'TimeGrid' in dir(s)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
