@@ -274,6 +274,9 @@ def _register_posterior(sub: argparse._SubParsersAction) -> None:
                                    "hessdiff.scripts.bench.posterior. Rows go to --out (resumable).")
     q.add_argument("--dims", default="8,80,800", help="d_x values (default 8,80,800)")
     q.add_argument("--measurement-dims", default="1,2,4", help="d_y values (default 1,2,4)")
+    q.add_argument("--prior", choices=("grid", "anisotropic"), default="grid",
+                   help="grid: the published 25-component grid problems (default); anisotropic: random means and "
+                        "diagonal covariances (10 components, variances 0.05-5), a prior per d_x and replicate")
     q.add_argument("--sigmas", default="0.01,0.1,1.0", help="sigma_y values (default 0.01,0.1,1.0)")
     q.add_argument("--replicates", default="0-19", help="replicate indices, e.g. 0-19 or 0,3,5 (default 0-19)")
     q.add_argument("--steps", default="20,50,100,1000", help="step counts (default 20,50,100,1000)")

@@ -33,6 +33,9 @@ __all__ = [
     "grid_gmm_seed",
     "cifar_like_spectrum",
     "GRID_DIMS",
+    "ANISOTROPIC_SEED_BASE",
+    "anisotropic_gmm_prior",
+    "anisotropic_gmm_problem",
     "GRID_MEASUREMENT_DIMS",
 ]
 
@@ -469,6 +472,54 @@ def grid_gmm_problem(d_x: int, d_y: int, replicate: int, *, sigma_y: float | Non
     if sigma_y < 0:
         raise ValueError(f"sigma_y must be nonnegative, got {sigma_y}")
     y = A @ x_true + sigma_y * torch.randn(d_y, generator=g).to(torch.float64)
+    return GMMProblem(prior=prior, A=A, y=y, sigma_y=float(sigma_y), x_true=x_true, seed=seed)
+
+
+#: seed offset of :func:`anisotropic_gmm_problem` (far from the grid benchmark's seeds, which stay below 2^20)
+ANISOTROPIC_SEED_BASE = 7_000_000
+
+
+def anisotropic_gmm_prior(dim: int, replicate: int, *, components: int = 10, spread: float = 8.0,
+                          var_range: tuple[float, float] = (0.05, 5.0)) -> GaussianMixture:
+    """A random mixture with anisotropic (diagonal) covariances: ``components`` means uniform in
+    ``[-spread, spread]^dim``, per-component per-coordinate variances log-uniform in ``var_range``
+    (a 100-fold anisotropy by default), weights ``∝`` Exp(1) draws (a flat Dirichlet). Drawn, in this
+    order, from a generator seeded with ``ANISOTROPIC_SEED_BASE + 1000 * dim + replicate``: the prior
+    depends on the dimension and the replicate only, not on the measurement."""
+    if dim < 1 or components < 1 or replicate < 0:
+        raise ValueError("dim and components must be positive and replicate nonnegative")
+    lo, hi = (float(v) for v in var_range)
+    if not 0 < lo <= hi:
+        raise ValueError(f"var_range must satisfy 0 < low <= high, got {var_range}")
+    g = torch.Generator().manual_seed(ANISOTROPIC_SEED_BASE + 1000 * int(dim) + int(replicate))
+    means = spread * (2 * torch.rand(components, dim, generator=g, dtype=torch.float64) - 1)
+    logv = math.log(lo) + (math.log(hi) - math.log(lo)) * torch.rand(components, dim, generator=g,
+                                                                     dtype=torch.float64)
+    w = -torch.log(torch.rand(components, generator=g, dtype=torch.float64))
+    return GaussianMixture(w, means, logv.exp())
+
+
+def anisotropic_gmm_problem(d_x: int, d_y: int, replicate: int, *, sigma_y: float,
+                            components: int = 10) -> GMMProblem:
+    """A posterior problem on :func:`anisotropic_gmm_prior` (``d_x``, ``replicate``): ``A`` is drawn as in
+    :func:`grid_gmm_problem` (``U diag(s) V[:d_y]``, ``s`` uniform in [0, 1], sorted), ``x*`` is one prior
+    draw and ``y = A x* + sigma_y n``, from a generator seeded with ``ANISOTROPIC_SEED_BASE + 1000 * d_x
+    + 100 * d_y + replicate`` (``A``, ``x*`` and ``n`` are shared by the ``sigma_y`` values of one
+    replicate, as in the grid benchmark)."""
+    if not sigma_y > 0:
+        raise ValueError(f"sigma_y must be positive, got {sigma_y}")
+    if not 1 <= d_y <= d_x:
+        raise ValueError(f"need 1 <= d_y <= d_x, got d_y={d_y}, d_x={d_x}")
+    prior = anisotropic_gmm_prior(d_x, replicate, components=components)
+    seed = ANISOTROPIC_SEED_BASE + 1000 * int(d_x) + 100 * int(d_y) + int(replicate)
+    g = torch.Generator().manual_seed(seed)
+    A0 = torch.randn(d_y, d_x, generator=g, dtype=torch.float64)
+    U, s0, Vh = torch.linalg.svd(A0, full_matrices=True)
+    s = torch.sort(torch.rand(s0.shape, generator=g, dtype=torch.float64), descending=True).values
+    A = U @ torch.diag(s) @ Vh[:d_y]
+    k = int(torch.multinomial(prior.weights, 1, generator=g))
+    x_true = prior.means[k] + prior.eig[k].sqrt() * torch.randn(d_x, generator=g, dtype=torch.float64)
+    y = A @ x_true + float(sigma_y) * torch.randn(d_y, generator=g, dtype=torch.float64)
     return GMMProblem(prior=prior, A=A, y=y, sigma_y=float(sigma_y), x_true=x_true, seed=seed)
 
 

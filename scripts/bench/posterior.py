@@ -65,6 +65,7 @@ from hessdiff.samplers.oracles.gmm import (
     GRID_DIMS,
     GRID_MEASUREMENT_DIMS,
     GMMDenoiser,
+    anisotropic_gmm_problem,
     default_gmm_schedule,
     grid_gmm_problem,
 )
@@ -307,6 +308,23 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+PRIORS: tuple[str, ...] = ("grid", "anisotropic")
+
+
+def _problem_groups(prior: str, dims: Iterable[int], measurement_dims: Iterable[int], sigmas: Sequence[float],
+                    reps: Sequence[int]) -> Iterable[tuple[int, int, list[tuple[float, int, Any]], tuple[int, ...]]]:
+    """The benchmark's problems in the batches that share one prior: ``(d_x, d_y, [(sigma_y, replicate,
+    problem)], group)``; ``group`` is mixed into the samplers' seeds (empty for the grid, whose seeds are
+    those of earlier rows files)."""
+    for d_x in dims:
+        for d_y in measurement_dims:
+            if prior == "grid":
+                yield d_x, d_y, [(s, i, grid_gmm_problem(d_x, d_y, i, sigma_y=s)) for s in sigmas for i in reps], ()
+            else:
+                for i in reps:
+                    yield d_x, d_y, [(s, i, anisotropic_gmm_problem(d_x, d_y, i, sigma_y=s)) for s in sigmas], (i,)
+
+
 def run_posterior_benchmark(
     methods: Mapping[str, BenchMethod] | None = None,
     *,
@@ -322,6 +340,7 @@ def run_posterior_benchmark(
     cells: Callable[[int, int, str, int], bool] | None = None,
     out_path: str | Path | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    prior: str = "grid",
 ) -> list[dict[str, Any]]:
     """Run the benchmark; return one row per (problem, method, steps) with its metrics and costs.
 
@@ -333,6 +352,9 @@ def run_posterior_benchmark(
       draws and metrics are always float64.
     out_path: JSON-lines file; rows already there (same d_x, d_y, sigma_y, replicate, method, steps,
       num_samples) are kept and not recomputed, new rows are appended as they are produced.
+    prior: ``"grid"`` (the published problems, :func:`grid_gmm_problem`; one prior per ``(d_x, d_y)``) or
+      ``"anisotropic"`` (:func:`anisotropic_gmm_problem`: random means and diagonal covariances, a prior per
+      ``(d_x, replicate)``; its rows carry ``"prior": "anisotropic"``, and each replicate is its own batch).
     Row keys: ``d_x, d_y, sigma_y, replicate, method, steps, num_samples, sw1, tv, mean_err`` and the
     run's ``nfe, network_forward, network_backward, decoder_forward, encoder_forward`` (per batched
     call), ``chunks`` (calls) and ``wall_s`` (all chunks of that (d_x, d_y, method, steps) together).
@@ -348,8 +370,11 @@ def run_posterior_benchmark(
             raise ValueError(f"sigma_y must be positive, got {s}")
     schedule = default_gmm_schedule()
     existing = load_rows(out_path) if out_path is not None else []
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}")
     done = {(r["d_x"], r["d_y"], r["sigma_y"], r["replicate"], r["method"], r["steps"], r["num_samples"])
-            for r in existing}
+            for r in existing if r.get("prior", "grid") == prior}
+    tag = {} if prior == "grid" else {"prior": prior}
     rows: list[dict[str, Any]] = []
 
     def emit(row: dict[str, Any]) -> None:
@@ -360,69 +385,68 @@ def run_posterior_benchmark(
         if on_row is not None:
             on_row(row)
 
-    for d_x in dims:
-        for d_y in measurement_dims:
-            probs = [(s, i, grid_gmm_problem(d_x, d_y, i, sigma_y=s)) for s in sigmas for i in reps]
-            prior = probs[0][2].prior
-            den = GMMDenoiser(prior.to(dtype=dtype), schedule)
-            posts = [GridPosterior(prior.weights, prior.means, p.A, p.y, s) for s, _, p in probs]
-            refs = [post.sample(num_samples, torch.Generator().manual_seed(_seed(p.seed, k, 1)))
-                    for k, ((_, _, p), post) in enumerate(zip(probs, posts, strict=True))]
+    for d_x, d_y, probs, group in _problem_groups(prior, dims, measurement_dims, sigmas, reps):
+        mixture = probs[0][2].prior
+        den = GMMDenoiser(mixture.to(dtype=dtype), schedule)
+        posts: list[Any] = [GridPosterior(mixture.weights, mixture.means, p.A, p.y, s) if prior == "grid"
+                            else p.posterior() for s, _, p in probs]
+        refs = [post.sample(num_samples, torch.Generator().manual_seed(_seed(p.seed, k, 1)))
+                for k, ((_, _, p), post) in enumerate(zip(probs, posts, strict=True))]
 
-            def metrics(k: int, draws: Tensor, refs: list[Tensor] = refs,
-                        posts: list[GridPosterior] = posts) -> dict[str, float]:
-                return {"sw1": sliced_wasserstein(draws, refs[k], num_projections),
-                        "tv": component_tv(draws, posts[k]),
-                        "mean_err": posterior_mean_error(draws, posts[k].mean())}
+        def metrics(k: int, draws: Tensor, refs: list[Tensor] = refs,
+                    posts: list[Any] = posts) -> dict[str, float]:
+            return {"sw1": sliced_wasserstein(draws, refs[k], num_projections),
+                    "tv": component_tv(draws, posts[k]),
+                    "mean_err": posterior_mean_error(draws, posts[k].mean())}
 
-            base = {"d_x": d_x, "d_y": d_y, "num_samples": num_samples}
-            for k, (s, i, p) in enumerate(probs):
-                if (d_x, d_y, s, i, "exact", 0, num_samples) in done:
+        base = {"d_x": d_x, "d_y": d_y, "num_samples": num_samples, **tag}
+        for k, (s, i, p) in enumerate(probs):
+            if (d_x, d_y, s, i, "exact", 0, num_samples) in done:
+                continue
+            other = posts[k].sample(num_samples, torch.Generator().manual_seed(_seed(p.seed, k, 2)))
+            emit({**base, "sigma_y": s, "replicate": i, "method": "exact", "steps": 0, **metrics(k, other)})
+
+        A = torch.stack([p.A for _, _, p in probs]).to(dtype)  # [P, d_y, d_x]
+        Y = torch.stack([p.y for _, _, p in probs]).to(dtype)  # [P, d_y]
+        chunk = max(1, max_batch_elements // (num_samples * d_x))  # problems per chunk
+        for name, method in methods.items():
+            for n in steps:
+                if cells is not None and not cells(d_x, d_y, name, n):
                     continue
-                other = posts[k].sample(num_samples, torch.Generator().manual_seed(_seed(p.seed, k, 2)))
-                emit({**base, "sigma_y": s, "replicate": i, "method": "exact", "steps": 0, **metrics(k, other)})
-
-            A = torch.stack([p.A for _, _, p in probs]).to(dtype)  # [P, d_y, d_x]
-            Y = torch.stack([p.y for _, _, p in probs]).to(dtype)  # [P, d_y]
-            chunk = max(1, max_batch_elements // (num_samples * d_x))  # problems per chunk
-            for name, method in methods.items():
-                for n in steps:
-                    if cells is not None and not cells(d_x, d_y, name, n):
-                        continue
-                    todo = [k for k, (s, i, _) in enumerate(probs)
-                            if (d_x, d_y, s, i, name, n, num_samples) not in done]
-                    if not todo:
-                        continue
-                    grid = schedule.grid(n, "trailing")
-                    draws: dict[int, Tensor] = {}
-                    cost_sum: dict[str, float] = {}
-                    t0 = time.perf_counter()
-                    groups = [[k for k in todo if probs[k][0] == s] for s in sigmas] if method.needs_sigma \
-                        else [todo]
-                    for ks in (g[c0: c0 + chunk] for g in groups for c0 in range(0, len(g), chunk)):
-                        op = StackedMatrixOperator(A[ks], num_samples)
-                        y = Y[ks].repeat_interleave(num_samples, 0)
-                        gen = torch.Generator().manual_seed(_seed(d_x, d_y, _method_index(name), n, ks[0]))
-                        x = float(grid.sigma[0]) * torch.randn(len(ks) * num_samples, d_x, generator=gen,
-                                                               dtype=torch.float64)
-                        res = method.run(den, op, y, x.to(dtype), grid, IdentityAutoencoder(d_x), gen,
-                                         sigma_y=probs[ks[0]][0])
-                        out = res.samples.reshape(len(ks), num_samples, d_x).to(torch.float64)
-                        for j, k in enumerate(ks):
-                            draws[k] = out[j]
-                        for key in ("nfe", "network_forward", "network_backward", "decoder_forward",
-                                    "encoder_forward"):
-                            cost_sum[key] = getattr(res.cost, key)  # the same for every chunk
-                        cost_sum["chunks"] = cost_sum.get("chunks", 0) + 1
-                    wall = time.perf_counter() - t0
-                    for k in todo:
-                        s, i, _ = probs[k]
-                        d = draws[k]
-                        m = metrics(k, d) if bool(torch.isfinite(d).all()) else \
-                            {"sw1": math.inf, "tv": math.inf, "mean_err": math.inf}
-                        emit({**base, "sigma_y": s, "replicate": i, "method": name, "steps": n, **m,
-                              **cost_sum, "wall_s": wall, "problems_in_run": len(todo),
-                              "dtype": str(dtype).replace("torch.", "")})
+                todo = [k for k, (s, i, _) in enumerate(probs)
+                        if (d_x, d_y, s, i, name, n, num_samples) not in done]
+                if not todo:
+                    continue
+                grid = schedule.grid(n, "trailing")
+                draws: dict[int, Tensor] = {}
+                cost_sum: dict[str, float] = {}
+                t0 = time.perf_counter()
+                groups = [[k for k in todo if probs[k][0] == s] for s in sigmas] if method.needs_sigma \
+                    else [todo]
+                for ks in (g[c0: c0 + chunk] for g in groups for c0 in range(0, len(g), chunk)):
+                    op = StackedMatrixOperator(A[ks], num_samples)
+                    y = Y[ks].repeat_interleave(num_samples, 0)
+                    gen = torch.Generator().manual_seed(_seed(d_x, d_y, _method_index(name), n, ks[0], *group))
+                    x = float(grid.sigma[0]) * torch.randn(len(ks) * num_samples, d_x, generator=gen,
+                                                           dtype=torch.float64)
+                    res = method.run(den, op, y, x.to(dtype), grid, IdentityAutoencoder(d_x), gen,
+                                     sigma_y=probs[ks[0]][0])
+                    out = res.samples.reshape(len(ks), num_samples, d_x).to(torch.float64)
+                    for j, k in enumerate(ks):
+                        draws[k] = out[j]
+                    for key in ("nfe", "network_forward", "network_backward", "decoder_forward",
+                                "encoder_forward"):
+                        cost_sum[key] = getattr(res.cost, key)  # the same for every chunk
+                    cost_sum["chunks"] = cost_sum.get("chunks", 0) + 1
+                wall = time.perf_counter() - t0
+                for k in todo:
+                    s, i, _ = probs[k]
+                    d = draws[k]
+                    m = metrics(k, d) if bool(torch.isfinite(d).all()) else \
+                        {"sw1": math.inf, "tv": math.inf, "mean_err": math.inf}
+                    emit({**base, "sigma_y": s, "replicate": i, "method": name, "steps": n, **m,
+                          **cost_sum, "wall_s": wall, "problems_in_run": len(todo),
+                          "dtype": str(dtype).replace("torch.", "")})
     return rows
 
 
@@ -736,18 +760,22 @@ def run_from_args(args: Any) -> int:
     if args.quick:
         kw.update(dims=[8], measurement_dims=[1], sigmas=[0.1], replicates=[0, 1], steps=[5, 10], num_samples=200,
                   num_projections=200)
+    prior = getattr(args, "prior", "grid")
     bad = [d for d in kw["dims"] if d not in GRID_DIMS] + [d for d in kw["measurement_dims"]
                                                           if d not in GRID_MEASUREMENT_DIMS]
-    if bad:
+    if bad and prior == "grid":
         raise ValueError(f"the grid benchmark has d_x in {GRID_DIMS} and d_y in {GRID_MEASUREMENT_DIMS}; got {bad}")
+    if prior != "grid" and any(not 1 <= d_y <= d_x for d_x in kw["dims"] for d_y in kw["measurement_dims"]):
+        raise ValueError("--measurement-dims must lie in 1..d_x for every --dims value")
     if args.samples < 2 or args.projections < 1:
         raise ValueError("--samples must be at least 2 and --projections positive")
     if not args.report_only:
         run_posterior_benchmark(methods, dtype=getattr(torch, args.dtype),
-                                out_path=args.out, **kw)
-    rows = [r for r in load_rows(args.out) if r["num_samples"] == kw["num_samples"]]
+                                out_path=args.out, prior=prior, **kw)
+    rows = [r for r in load_rows(args.out)
+            if r["num_samples"] == kw["num_samples"] and r.get("prior", "grid") == prior]
     if not rows:
-        raise ValueError(f"no rows with {kw['num_samples']} samples in {args.out}")
+        raise ValueError(f"no {prior} rows with {kw['num_samples']} samples in {args.out}")
     published = [c for c in _columns(rows) if c[0] in PUBLISHED_SETTINGS]
     others = [c for c in _columns(rows) if c[0] not in PUBLISHED_SETTINGS]
     text = "### Published settings\n\n" + format_markdown(rows, columns=published)

@@ -151,3 +151,45 @@ def test_stsl_spec_with_the_moment_matched_likelihood_takes_the_noise_level():
     assert not method_from_spec("stsl").needs_sigma
     with pytest.raises(ValueError, match="no setting 'sigma'"):
         method_from_spec("stsl[sigma=1]")
+
+
+def test_anisotropic_problems():
+    """Random means and diagonal covariances: reproducible, the prior shared by every d_y and sigma_y of one
+    (d_x, replicate), A / x* shared by the sigma_y values, and the exact posterior a mixture again."""
+    from hessdiff.samplers.oracles.gmm import anisotropic_gmm_problem
+
+    a = anisotropic_gmm_problem(8, 2, 3, sigma_y=0.1)
+    b = anisotropic_gmm_problem(8, 4, 3, sigma_y=1.0)
+    c = anisotropic_gmm_problem(8, 2, 3, sigma_y=1.0)
+    torch.testing.assert_close(a.prior.means, b.prior.means, rtol=0, atol=0)
+    torch.testing.assert_close(a.prior.eig, b.prior.eig, rtol=0, atol=0)
+    torch.testing.assert_close(a.A, c.A, rtol=0, atol=0)
+    torch.testing.assert_close(a.x_true, c.x_true, rtol=0, atol=0)
+    assert not torch.equal(anisotropic_gmm_problem(8, 2, 4, sigma_y=0.1).prior.means, a.prior.means)
+    v = a.prior.eig
+    assert a.prior.num_components == 10 and float(v.min()) >= 0.05 and float(v.max()) <= 5.0
+    assert float((v.max(1).values / v.min(1).values).min()) > 5  # each component anisotropic
+    post = a.posterior()
+    assert post.weights.shape == (10,) and math.isclose(float(post.weights.sum()), 1.0, rel_tol=1e-12)
+    with pytest.raises(ValueError, match="d_y"):
+        anisotropic_gmm_problem(4, 8, 0, sigma_y=0.1)
+
+
+def test_anisotropic_runner_rows_are_tagged_and_mmps_beats_dps(tmp_path):
+    from hessdiff.scripts.bench.posterior import method_from_spec
+
+    out = tmp_path / "rows.jsonl"
+    run_posterior_benchmark({"dps": method_from_spec("dps")}, dims=[8], measurement_dims=[2], sigmas=[0.1],
+                            replicates=[0], steps=[10], num_samples=60, num_projections=50, out_path=out)  # grid
+    methods = {n: method_from_spec(n) for n in ("mmps", "dps")}
+    kw = dict(dims=[8], measurement_dims=[2], sigmas=[0.1, 1.0], replicates=[0, 1], steps=[20], num_samples=300,
+              num_projections=200, out_path=out, prior="anisotropic")
+    rows = run_posterior_benchmark(methods, **kw)
+    assert len(rows) == 3 * 4 and all(r["prior"] == "anisotropic" for r in rows)
+    assert {r["chunks"] for r in rows if r["method"] == "dps"} == {1}  # one batch per replicate
+    assert run_posterior_benchmark(methods, **kw) == []  # resumed, grid rows not mistaken for these
+    assert sum(1 for r in load_rows(out) if "prior" not in r) == 2  # the grid rows, untagged as before
+    sw = {n: sum(r["sw1"] for r in rows if r["method"] == n) for n in ("exact", "mmps", "dps")}
+    assert sw["exact"] < sw["mmps"] < sw["dps"], sw
+    with pytest.raises(ValueError, match="prior"):
+        run_posterior_benchmark(methods, **{**kw, "prior": "nope"})
