@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .defaults import method_defaults, model_family
+from .defaults import default_method, method_defaults, model_family
 
 __all__ = ["RestoreResult", "restore", "model_from_pipeline", "default_method", "method_options", "check_method",
            "accepted_options"]
@@ -34,12 +34,6 @@ class RestoreResult:
     options: dict[str, Any]
     steps: int
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def default_method(is_latent: bool) -> str:
-    """``dps`` for pixel-space models, ``stsl`` for latent models (the best-measuring methods on the
-    embedded models with their recommended defaults)."""
-    return "stsl" if is_latent else "dps"
 
 
 def check_method(method: str, is_latent: bool, source: str) -> None:

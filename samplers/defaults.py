@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DEFAULTS", "EMBEDDED_FAMILIES", "TASK_GROUPS", "method_defaults", "model_family", "task_overrides"]
+__all__ = ["DEFAULTS", "EMBEDDED_FAMILIES", "TASK_GROUPS", "default_method", "method_defaults", "model_family",
+           "task_overrides"]
 
 #: groups of task names a row's ``"tasks"`` overrides may name (the papers set options per problem kind)
 TASK_GROUPS: dict[str, tuple[str, ...]] = {
@@ -103,6 +104,12 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 #: (the embedded Fashion-MNIST models are the same size and image format: they use the rows tuned on MNIST)
 EMBEDDED_FAMILIES: dict[str, str] = {"mnist": "mnist", "mnist-ddpm": "mnist", "mnist-ldm": "mnist",
                                      "fashion": "mnist", "fashion-ddpm": "mnist", "fashion-ldm": "mnist"}
+
+
+def default_method(is_latent: bool) -> str:
+    """``dps`` for pixel-space models, ``stsl`` for latent models (the best-measuring methods on the
+    embedded models with their recommended defaults)."""
+    return "stsl" if is_latent else "dps"
 
 
 def model_family(source: str | None) -> str | None:

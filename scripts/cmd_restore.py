@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hessdiff.samplers.defaults import DEFAULTS, method_defaults
+from hessdiff.samplers.defaults import DEFAULTS, default_method, method_defaults
 from hessdiff.scripts.cli import CLIError
 
 if TYPE_CHECKING:  # torch, numpy and the samplers are imported when a command runs, not for --help
@@ -138,13 +138,6 @@ def method_options(method: str, given: dict[str, Any], family: str | None = "mni
         return _options(method, given, family, task=task)[0]
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
-
-
-def default_method(is_latent: bool) -> str:
-    """:func:`hessdiff.samplers.api.default_method`: the CLI's method when ``--method`` is not given."""
-    from hessdiff.samplers.api import default_method as _default
-
-    return _default(is_latent)
 
 
 def restore_image(

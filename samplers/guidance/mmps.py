@@ -133,7 +133,7 @@ def run_transform_on_ddim(name: str, make: Any, denoiser: Any, operator: Any, y:
     if not (isinstance(x, Tensor) and math.isfinite(float(sigma_y))):
         raise ValueError(f"{name} needs a tensor x and a finite sigma_y")
     counted = CountingDenoiser(denoiser, autoencoder)
-    data_shape = latent_data_shape(autoencoder, x, None if autoencoder is None else counted.decode)
+    data_shape = latent_data_shape(autoencoder, x, counted.decode)
     yb = prepare_measurement(operator, y, data_shape, torch.float64 if x.dtype == torch.float64 else torch.float32,
                              x.device)
     guided = make(counted, yb, None if autoencoder is None else _Decoder(counted))
