@@ -26,11 +26,7 @@ import time
 
 import torch
 
-
-def _math_attention():
-    from hessdiff.samplers.lml.curvature import _math_attention as ctx
-
-    return ctx()
+from hessdiff.samplers.autodiff import math_attention
 
 
 def _modes(den, x, t, k):
@@ -51,7 +47,7 @@ def _modes(den, x, t, k):
         return den(z, t).x0
 
     def jvp():
-        with _math_attention():  # the fused CPU attention kernel has no forward-mode rule
+        with math_attention():  # the fused CPU attention kernel has no forward-mode rule
             for i in range(k):
                 torch.func.jvp(f, (x,), (v[i],))
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # torch, numpy and the samplers are imported when a command r
 
     from hessdiff.samplers.api import RestoreResult
 
-__all__ = ["register", "run", "restore_image", "RestoreResult", "method_options", "DEFAULT_STEPS",
+__all__ = ["register", "run", "restore_image", "method_options", "DEFAULT_STEPS",
            "METHOD_DEFAULTS", "default_method"]
 
 EPILOG = """examples:
@@ -419,11 +419,3 @@ def run(args: argparse.Namespace) -> int:
     paths = {p.name: p for p in written}
     print("wrote " + ", ".join(str(paths[n]) for n in order))
     return 0
-
-
-def __getattr__(name: str) -> Any:  # the library names re-exported here, imported on first use
-    if name == "RestoreResult":
-        from hessdiff.samplers.api import RestoreResult
-
-        return RestoreResult
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

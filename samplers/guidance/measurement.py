@@ -63,17 +63,6 @@ class LikelihoodDenoiser:
         return self.operator(x0 if self.autoencoder is None else self.autoencoder.decode(x0))
 
 
-def forward_jvp(f: Callable[[Tensor], Tensor], z: Tensor, w: Tensor) -> Tensor:
-    """``J_f(z) w`` by forward-mode AD (e.g. ``A J_D w`` through a decoder at ``z``).
-
-    Runs under PyTorch's math attention backend: the fused CPU attention kernel (in the decoders of
-    diffusers VAEs, e.g. their mid-block attention) has no forward-mode rule."""
-    from ..lml.curvature import _math_attention
-
-    with _math_attention():
-        return torch.func.jvp(f, (z,), (w.to(z.dtype),))[1]
-
-
 def _require_autoencoder(autoencoder: Any, method: str, needs_encode: bool) -> None:
     if autoencoder is None:
         raise ValueError(f"{method} is a latent-space method and needs an autoencoder (decode/encode, e.g. a "

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..autodiff import forward_jvp
 from ..denoiser import Prediction, broadcast_time
 from ..loop import CountingDenoiser, Result
 from ..schedule import TimeGrid
@@ -33,7 +34,6 @@ from .measurement import (
     LikelihoodDenoiser,
     _check_nonneg,
     _choice,
-    forward_jvp,
     latent_data_shape,
     prepare_measurement,
 )

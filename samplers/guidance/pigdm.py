@@ -47,11 +47,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..autodiff import forward_jvp
 from ..denoiser import Prediction, broadcast_time
 from ..loop import Result
 from ..schedule import TimeGrid
 from .krylov import cg
-from .measurement import LikelihoodDenoiser, _choice, forward_jvp
+from .measurement import LikelihoodDenoiser, _choice
 from .mmps import run_transform_on_ddim
 
 __all__ = ["PiGDMDenoiser", "sample_pigdm", "PIGDM_SCALINGS"]

@@ -35,10 +35,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..autodiff import forward_jvp
 from ..denoiser import Prediction, broadcast_time
 from ..loop import Result
 from ..schedule import TimeGrid
-from .measurement import LikelihoodDenoiser, forward_jvp
+from .measurement import LikelihoodDenoiser
 from .mmps import run_transform_on_ddim
 
 __all__ = ["TMPDDenoiser", "sample_tmpd"]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..autodiff import forward_jvp, math_attention
 from .lowrank import LowRankSym, flat, lanczos, nystrom, random_probes
 
 __all__ = [
@@ -44,33 +45,19 @@ def denoiser_jvp(denoiser: Any, x: Tensor, t: Tensor | float, v: Tensor) -> Tens
     def f(z: Tensor) -> Tensor:
         return denoiser(z, t).x0
 
-    # fused attention kernels have no forward-mode / double-backward rules: use the math backend
-    with _math_attention():
-        try:
-            with torch.enable_grad():
-                _, jv = torch.func.jvp(f, (x.detach(),), (v,))
-            return jv.detach()
-        except (RuntimeError, NotImplementedError, TypeError):
-            pass
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
-            out = f(xr)
-            u = torch.zeros_like(out, requires_grad=True)
-            (jtu,) = torch.autograd.grad(out, xr, grad_outputs=u, create_graph=True)
-            (jv,) = torch.autograd.grad(jtu, u, grad_outputs=v.to(jtu.dtype))
-    return jv.detach().to(x.dtype)
-
-
-def _math_attention() -> Any:
-    """A context selecting PyTorch's math attention backend (differentiable to any order)."""
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.MATH])
-    except ImportError:  # torch < 2.3
-        import contextlib
-
-        return contextlib.nullcontext()
+        with torch.enable_grad():
+            return forward_jvp(f, x.detach(), v).detach()
+    except (RuntimeError, NotImplementedError, TypeError):
+        pass
+    # fused attention kernels have no double-backward rule either: the math backend again
+    with math_attention(), torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        out = f(xr)
+        u = torch.zeros_like(out, requires_grad=True)
+        (jtu,) = torch.autograd.grad(out, xr, grad_outputs=u, create_graph=True)
+        (jv,) = torch.autograd.grad(jtu, u, grad_outputs=v.to(jtu.dtype))
+    return jv.detach().to(x.dtype)
 
 
 def floor_value(A: LowRankSym, floor: str | float) -> Tensor:
