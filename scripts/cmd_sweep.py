@@ -49,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", action="append", default=[], metavar="A:B",
                    help="after the run, print paired differences of two methods per model and task, e.g. "
                         "mmps@20:dps@100 (LABEL@STEPS, LABEL for methods without steps; repeatable)")
+    p.add_argument("--against", default=None, metavar="OTHER",
+                   help="with --compare: read the second method from another sweep (its --out folder, or its "
+                        "results.jsonl, .gz allowed), paired by task label, image id and seed")
     p.add_argument("--metric", default="psnr", help="the paired metric of --compare (default: psnr)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="do not write plots/*.png")
@@ -124,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
     from hessdiff.eval.sweep.compare import format_comparison, paired_comparison, parse_pair
 
     pairs = [parse_pair(c) for c in args.compare]  # bad specs fail before the run
+    if args.against is not None and not pairs:
+        raise CLIError("--against needs --compare A:B (B is read from OTHER)")
+    if args.against is not None and not Path(args.against).exists():
+        raise CLIError(f"--against {args.against}: no such sweep folder or results file")
     if args.threads is not None:
         import torch
 
@@ -154,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"sweep {state} ({timing}); results: {where}")
     for a, b in pairs:
         print()
-        print(format_comparison(paired_comparison(report.out, a, b, args.metric), a, b))
+        print(format_comparison(paired_comparison(report.out, a, b, args.metric, against=args.against), a, b))
     return 0
 
 

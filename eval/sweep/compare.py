@@ -2,17 +2,22 @@
 paired metric over the items both methods finished (same image, same seed), with a 95 % interval.
 
 ``hessdiff sweep CONFIG --out DIR --resume --compare mmps@20:dps@100`` prints them (markdown) after the
-sweep; :func:`paired_comparison` returns the rows. A method is ``LABEL@STEPS`` (``LABEL`` alone for methods
-without steps, e.g. ``pinv``), ``LABEL`` being the ``[[methods]]`` label.
+sweep; ``--against OTHER`` takes the second method from another sweep's folder or results file (paired by
+task, image and seed); :func:`paired_comparison` returns the rows. A method is ``LABEL@STEPS`` (``LABEL``
+alone for methods without steps, e.g. ``pinv``), ``LABEL`` being the ``[[methods]]`` label.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from hessdiff.eval.sweep.store import _number
 from hessdiff.eval.sweep.summary import load_results
 
 __all__ = ["paired_comparison", "format_comparison", "parse_pair"]
@@ -45,41 +50,72 @@ def parse_pair(text: str) -> tuple[tuple[str, int], tuple[str, int]]:
     return _split(a), _split(b)
 
 
-def paired_comparison(out: str | os.PathLike, a: tuple[str, int], b: tuple[str, int],
-                      metric: str = "psnr") -> list[dict[str, Any]]:
-    """Rows ``{model, task, n, a, b, diff, ci, sd}`` (``diff`` = mean of ``a - b`` over the pairs, ``ci``
-    the half-width of its 95 % Student-t interval) for every model and task where both ran."""
-    recs = load_results(out)
+def _records(src: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a sweep folder, or of a ``results.jsonl`` file (gzipped when it ends in ``.gz``)."""
+    path = Path(src)
+    if path.is_dir():
+        return load_results(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (expected a sweep folder or a results.jsonl[.gz] file)")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            recs = [json.loads(line) for line in fh if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a results file of a sweep ({err})") from None
+    for rec in recs:
+        rec["metrics"] = {k: _number(v) for k, v in rec.get("metrics", {}).items()}
+    return recs
 
-    def key(r: dict[str, Any]) -> tuple[str, int]:
-        parts = r["config_label"].split("/")  # model/task/method/steps
-        return parts[2], int(parts[3])
 
-    by: dict[tuple[str, str, tuple[str, int]], dict[tuple[Any, Any], float]] = {}
+def _values(recs: Sequence[dict[str, Any]], method: tuple[str, int],
+            metric: str) -> dict[tuple[str, str], dict[tuple[Any, Any], float]]:
+    """``{(model, task): {(image id, seed): value}}`` of one method's finite values."""
+    by: dict[tuple[str, str], dict[tuple[Any, Any], float]] = {}
     for r in recs:
-        model, task = r["config_label"].split("/")[:2]
+        parts = r["config_label"].split("/")  # model/task/method/steps
+        if (parts[2], int(parts[3])) != method:
+            continue
         v = r["metrics"].get(metric)
         if v is None or not math.isfinite(v):
             continue
         img = (r.get("image") or {}).get("id")
-        by.setdefault((model, task, key(r)), {})[(img, r.get("seed"))] = float(v)
+        by.setdefault((parts[0], parts[1]), {})[(img, r.get("seed"))] = float(v)
+    return by
+
+
+def paired_comparison(out: str | os.PathLike, a: tuple[str, int], b: tuple[str, int],
+                      metric: str = "psnr", against: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Rows ``{model, task, n, a, b, diff, ci, sd}`` (``diff`` = mean of ``a - b`` over the pairs, ``ci``
+    the half-width of its 95 % Student-t interval) for every model and task where both ran.
+
+    With ``against`` (another sweep folder, or its ``results.jsonl``, gzipped or not), ``b`` is read from
+    there: items pair by task label, image id and seed, across models too (a latent model's rows against a
+    pixel model's on the same images and measurements; ``model`` is then ``"A-model vs B-model"``). The
+    measurements are the same only where both sweeps used the same data, task parameters and seeds:
+    comparing ``pinv`` with itself across the two (a difference of exactly zero) checks that."""
+    recs_a = load_results(out) if against is None else _records(out)
+    va_all = _values(recs_a, a, metric)
+    vb_all = _values(recs_a if against is None else _records(against), b, metric)
     rows = []
-    for model, task in dict.fromkeys((m, t) for m, t, _ in by):
-        va, vb = by.get((model, task, a)), by.get((model, task, b))
-        if not va or not vb:
-            continue
-        common = sorted(set(va) & set(vb), key=str)
-        if not common:
-            continue
-        d = [va[k] - vb[k] for k in common]
-        n = len(d)
-        mean = sum(d) / n
-        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
-        rows.append({"model": model, "task": task, "n": n, "metric": metric,
-                     "a": sum(va[k] for k in common) / n, "b": sum(vb[k] for k in common) / n,
-                     "diff": mean, "sd": sd, "ci": _t975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")})
+    for (model, task), va in va_all.items():
+        for (model_b, task_b), vb in vb_all.items():
+            if task_b != task or (against is None and model_b != model):
+                continue
+            common = sorted(set(va) & set(vb), key=str)
+            if not common:
+                continue
+            d = [va[k] - vb[k] for k in common]
+            n = len(d)
+            mean = sum(d) / n
+            sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
+            rows.append({"model": model if model_b == model else f"{model} vs {model_b}", "task": task, "n": n,
+                         "metric": metric, "a": sum(va[k] for k in common) / n,
+                         "b": sum(vb[k] for k in common) / n, "diff": mean, "sd": sd,
+                         "ci": _t975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")})
     if not rows:
-        raise ValueError(f"no items where both {a[0]}@{a[1]} and {b[0]}@{b[1]} have {metric!r} in {out}")
+        where = f"{out}" if against is None else f"{out} and {against}"
+        raise ValueError(f"no items where both {a[0]}@{a[1]} and {b[0]}@{b[1]} have {metric!r} in {where}")
     return rows
 
 

@@ -63,3 +63,35 @@ def test_bad_compare_specs_are_one_clear_error(tmp_path):
     out = _sweep(tmp_path)
     with pytest.raises(ValueError, match="no items where both"):
         paired_comparison(out, ("dps", 100), ("pinv", 0))
+
+
+def test_against_pairs_a_method_with_another_sweeps_rows_by_task_image_and_seed(tmp_path):
+    import gzip
+    import json
+
+    out = _sweep(tmp_path)
+    recs = load_results(out)
+    # the "other sweep": another model label, the same images / seeds, psnr shifted by image
+    other = []
+    for r in recs:
+        s = json.loads(json.dumps(r))
+        s["config_label"] = s["config_label"].replace("/pinv/", "/dps/").replace(s["config_label"].split("/")[0],
+                                                                                  "pixel", 1)
+        s["metrics"]["psnr"] = r["metrics"]["psnr"] - (2.0 if s["image"]["id"].endswith("0") else 1.0)
+        other.append(s)
+    path = tmp_path / "other-results.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(json.dumps(r) for r in other) + "\n")
+    rows = paired_comparison(out, ("pinv", 0), ("dps", 0), against=path)
+    assert [r["task"] for r in rows] == ["denoising", "sr2"]
+    for r in rows:
+        assert r["model"].endswith(" vs pixel") and r["n"] == 8
+        ids = [rec["image"]["id"] for rec in recs if f"/{r['task']}/" in rec["config_label"]]
+        d = np.array([2.0 if i.endswith("0") else 1.0 for i in ids])
+        assert r["diff"] == pytest.approx(d.mean()) and r["sd"] == pytest.approx(d.std(ddof=1))
+    # without against, the other sweep's rows are not seen; a folder works as well as a file
+    with pytest.raises(ValueError, match="no items where both"):
+        paired_comparison(out, ("pinv", 0), ("dps", 0))
+    assert all(r["diff"] == 0 for r in paired_comparison(out, ("pinv", 0), ("pinv", 0), against=out))
+    with pytest.raises(FileNotFoundError, match="sweep folder or a results"):
+        paired_comparison(out, ("pinv", 0), ("pinv", 0), against=tmp_path / "missing.jsonl")
