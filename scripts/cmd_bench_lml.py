@@ -152,8 +152,11 @@ def _command(args: argparse.Namespace, s: dict[str, Any], parts: list[str]) -> s
 def _quality_section(rows: list[dict[str, Any]], BL: Any, BG: Any) -> str:
     goal = BL.goal_rows(rows)
     goal0 = BL.goal_rows(rows, include=BL.zero_nfe)
+    gauss = BL.goal_rows(rows, metric="w2_lb")  # the Gaussian problems: every method has the sample bound
     return ("### Goal: best LML method vs best base solver at NFE <= 10 (JVPs counted)\n\n" + BL.format_goal(goal)
             + "\nThe same, zero-extra-evaluation LML methods only:\n\n" + BL.format_goal(goal0)
+            + ("\nOn the Gaussian problems (`w2_lb`, the same draws for every method):\n\n"
+               + BL.format_goal(gauss, metric="w2_lb") if gauss else "")
             + "\n### Sample quality vs NFE\n\n" + BG.format_markdown(rows))
 
 

@@ -259,3 +259,23 @@ def test_overhead_on_an_embedded_model_with_its_statistics(tmp_path, capsys):
     assert "| ddim+stats8-ad | 2 |" in text
     assert main(["bench", "lml", "--parts", "overhead", "--overhead-methods", "ddim+nope"]) == 2
     assert "unknown LML variant 'nope'" in capsys.readouterr().err
+
+
+def test_quality_report_has_a_gaussian_goal_table_on_the_shared_sample_bound():
+    from hessdiff.scripts import cmd_bench_lml
+    from hessdiff.scripts.bench import gmm as BG
+
+    rows = []
+    for seed, (base, lml) in enumerate([(1.20, 0.50), (1.25, 0.55), (1.22, 0.52)]):
+        rows += [{"method": m, "problem": "gauss-3072", "d": 3072, "nfe": 5, "seed": seed, "metric": "w2_lb",
+                  "value": v, "wall_s": 0.0, "n_samples": 500, "spacing": "trailing"}
+                 for m, v in (("unipc-2", base), ("unipc-2+cov-ad", lml))]
+    rows.append({"method": "unipc-2", "problem": "gauss-3072", "d": 3072, "nfe": 5, "seed": 0, "metric": "w2",
+                 "value": 1.21, "wall_s": 0.0, "n_samples": 500, "spacing": "trailing"})
+    text = cmd_bench_lml._quality_section(rows, BL, BG)
+    gauss = text.split("On the Gaussian problems")[1].split("### Sample quality")[0]
+    line = next(ln for ln in gauss.splitlines() if ln.startswith("| gauss-3072 | 5 |"))
+    assert "| unipc-2 | 1.223 ± 0.025 | unipc-2+cov-ad | 0.523 ± 0.025 | +57 % | yes |" in line
+    # without Gaussian rows there is no such table
+    assert "On the Gaussian problems" not in cmd_bench_lml._quality_section(
+        [r for r in rows if r["metric"] == "w2"], BL, BG)
