@@ -828,15 +828,18 @@ EMBEDDED_BASES: tuple[str, ...] = ("ddim", "dpm-3", "dpm++2m")
 
 def _attach_model_sources(den: Any, name: str, model: Any, family: str, variants: Sequence[str]) -> None:
     """What the model-dependent variants read from a trained network's denoiser: ``lml_stats`` (the model
-    folder's statistics file, for the stats variants) and, when a variant uses the data covariance (pixel
-    models), ``lml_data`` (:func:`_training_pick`)."""
+    folder's statistics file, for the stats variants) and, when a variant uses the data covariance,
+    ``lml_data`` (:func:`_training_pick`; for a latent model their VAE latents, the space its UNet denoises,
+    as ``python -m hessdiff.scripts.lml_stats MODEL --covariance`` encodes them)."""
     from hessdiff.samplers.models import LML_STATS_FILE, _resolve_local
+    from hessdiff.scripts.lml_stats import _model_space
 
     folder = _resolve_local(name)
     if folder is not None and (folder / LML_STATS_FILE).is_file():
         den.lml_stats = StatsSource.load(folder / LML_STATS_FILE)
-    if not model.is_latent and any(v.startswith(("cov", "sec1-cov", "stats8-cov")) for v in variants):
-        den.lml_data = _training_pick(family)
+    if any(v.startswith(("cov", "sec1-cov", "stats8-cov")) for v in variants):
+        device = next(model.unet.parameters()).device
+        den.lml_data = _model_space(model, _training_pick(family), 64, device)
 
 
 def _training_pick(family: str, n: int = 1024) -> Tensor:

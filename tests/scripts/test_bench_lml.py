@@ -279,3 +279,23 @@ def test_quality_report_has_a_gaussian_goal_table_on_the_shared_sample_bound():
     # without Gaussian rows there is no such table
     assert "On the Gaussian problems" not in cmd_bench_lml._quality_section(
         [r for r in rows if r["metric"] == "w2"], BL, BG)
+
+
+def test_cov_variants_on_a_latent_model_read_the_latents_of_the_training_pick():
+    from hessdiff.samplers.denoiser import UNetDenoiser
+    from hessdiff.samplers.models import load_model
+
+    model = load_model("mnist-ldm")
+    den = CountingDenoiser(UNetDenoiser.from_unet_and_scheduler(model.unet, model.scheduler))
+    BL._attach_model_sources(den, "mnist-ldm", model, "mnist", ["cov-ad"])
+    assert tuple(den.lml_data.shape) == (1024, *model.sample_shape)  # latents, not 1x32x32 images
+    with torch.no_grad():
+        first = model.encode(BL._training_pick("mnist")[:4]).float()
+    torch.testing.assert_close(den.lml_data[:4], first, rtol=1e-5, atol=1e-5)
+    src = BL._oracle_cov(den)
+    assert src.dim == den.lml_data[0].numel()
+    # a pixel model gets the images themselves
+    pix = load_model("mnist")
+    den2 = CountingDenoiser(UNetDenoiser.from_unet_and_scheduler(pix.unet, pix.scheduler))
+    BL._attach_model_sources(den2, "mnist", pix, "mnist", ["cov-ad"])
+    assert torch.equal(den2.lml_data, BL._training_pick("mnist"))
