@@ -325,6 +325,33 @@ def _problem_groups(prior: str, dims: Iterable[int], measurement_dims: Iterable[
                     yield d_x, d_y, [(s, i, anisotropic_gmm_problem(d_x, d_y, i, sigma_y=s)) for s in sigmas], (i,)
 
 
+def _run_cell(method: BenchMethod, name: str, grid: Any, den: Any, probs: Sequence[Any], todo: Sequence[int],
+              A: Tensor, Y: Tensor, sigmas: Sequence[float], num_samples: int, max_batch_elements: int,
+              key: tuple[int, ...]) -> tuple[dict[int, Tensor], dict[str, float]]:
+    """One (method, steps) cell: the problems ``todo`` of a group, batched in chunks of at most
+    ``max_batch_elements`` entries (one chunk per noise level when the method takes ``sigma_y``). Returns
+    the float64 draws per problem index and the cost of one call (with ``chunks``, the number of calls).
+    ``key`` = ``(d_x, d_y, steps, *group)`` seeds each chunk's start noise with the method and first problem."""
+    d_x, d_y, n, *group = key
+    chunk = max(1, max_batch_elements // (num_samples * d_x))  # problems per chunk
+    groups = [[k for k in todo if probs[k][0] == s] for s in sigmas] if method.needs_sigma else [list(todo)]
+    draws: dict[int, Tensor] = {}
+    cost: dict[str, float] = {}
+    for ks in (g[c0: c0 + chunk] for g in groups for c0 in range(0, len(g), chunk)):
+        op = StackedMatrixOperator(A[ks], num_samples)
+        y = Y[ks].repeat_interleave(num_samples, 0)
+        gen = torch.Generator().manual_seed(_seed(d_x, d_y, _method_index(name), n, ks[0], *group))
+        x = float(grid.sigma[0]) * torch.randn(len(ks) * num_samples, d_x, generator=gen, dtype=torch.float64)
+        res = method.run(den, op, y, x.to(A.dtype), grid, IdentityAutoencoder(d_x), gen, sigma_y=probs[ks[0]][0])
+        out = res.samples.reshape(len(ks), num_samples, d_x).to(torch.float64)
+        for j, k in enumerate(ks):
+            draws[k] = out[j]
+        for c in ("nfe", "network_forward", "network_backward", "decoder_forward", "encoder_forward"):
+            cost[c] = getattr(res.cost, c)  # the same for every chunk
+        cost["chunks"] = cost.get("chunks", 0) + 1
+    return draws, cost
+
+
 def run_posterior_benchmark(
     methods: Mapping[str, BenchMethod] | None = None,
     *,
@@ -408,7 +435,6 @@ def run_posterior_benchmark(
 
         A = torch.stack([p.A for _, _, p in probs]).to(dtype)  # [P, d_y, d_x]
         Y = torch.stack([p.y for _, _, p in probs]).to(dtype)  # [P, d_y]
-        chunk = max(1, max_batch_elements // (num_samples * d_x))  # problems per chunk
         for name, method in methods.items():
             for n in steps:
                 if cells is not None and not cells(d_x, d_y, name, n):
@@ -417,27 +443,9 @@ def run_posterior_benchmark(
                         if (d_x, d_y, s, i, name, n, num_samples) not in done]
                 if not todo:
                     continue
-                grid = schedule.grid(n, "trailing")
-                draws: dict[int, Tensor] = {}
-                cost_sum: dict[str, float] = {}
                 t0 = time.perf_counter()
-                groups = [[k for k in todo if probs[k][0] == s] for s in sigmas] if method.needs_sigma \
-                    else [todo]
-                for ks in (g[c0: c0 + chunk] for g in groups for c0 in range(0, len(g), chunk)):
-                    op = StackedMatrixOperator(A[ks], num_samples)
-                    y = Y[ks].repeat_interleave(num_samples, 0)
-                    gen = torch.Generator().manual_seed(_seed(d_x, d_y, _method_index(name), n, ks[0], *group))
-                    x = float(grid.sigma[0]) * torch.randn(len(ks) * num_samples, d_x, generator=gen,
-                                                           dtype=torch.float64)
-                    res = method.run(den, op, y, x.to(dtype), grid, IdentityAutoencoder(d_x), gen,
-                                     sigma_y=probs[ks[0]][0])
-                    out = res.samples.reshape(len(ks), num_samples, d_x).to(torch.float64)
-                    for j, k in enumerate(ks):
-                        draws[k] = out[j]
-                    for key in ("nfe", "network_forward", "network_backward", "decoder_forward",
-                                "encoder_forward"):
-                        cost_sum[key] = getattr(res.cost, key)  # the same for every chunk
-                    cost_sum["chunks"] = cost_sum.get("chunks", 0) + 1
+                draws, cost = _run_cell(method, name, schedule.grid(n, "trailing"), den, probs, todo, A, Y,
+                                        sigmas, num_samples, max_batch_elements, (d_x, d_y, n, *group))
                 wall = time.perf_counter() - t0
                 for k in todo:
                     s, i, _ = probs[k]
@@ -445,7 +453,7 @@ def run_posterior_benchmark(
                     m = metrics(k, d) if bool(torch.isfinite(d).all()) else \
                         {"sw1": math.inf, "tv": math.inf, "mean_err": math.inf}
                     emit({**base, "sigma_y": s, "replicate": i, "method": name, "steps": n, **m,
-                          **cost_sum, "wall_s": wall, "problems_in_run": len(todo),
+                          **cost, "wall_s": wall, "problems_in_run": len(todo),
                           "dtype": str(dtype).replace("torch.", "")})
     return rows
 
