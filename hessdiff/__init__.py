@@ -9,7 +9,7 @@ The public API (imported lazily, so ``import hessdiff`` is cheap):
   ``sample_*`` plain calls;
 * posterior sampling: :func:`restore` on a model, the method registry :data:`POSTERIOR_SAMPLERS`
   (``sample_dps``, ``sample_latent_dps``, ``sample_psld``, ``sample_stsl``) and the defaults table
-  :func:`method_defaults`;
+  :func:`method_defaults` (:func:`recommended_sampler` for unconditional sampling);
 * LML: :class:`LMLCorrection`, :class:`HessianStepCorrection` (solver corrections) and the diffusers
   drop-ins :class:`LMLDDIMScheduler`, :class:`LMLDPMSolverMultistepScheduler`,
   :class:`LMLFlowMatchEulerDiscreteScheduler`, :class:`LMLUniPCMultistepScheduler`,
@@ -66,6 +66,7 @@ _EXPORTS: dict[str, str] = {
     "sample_stsl": "hessdiff.samplers.guidance",
     "DEFAULTS": "hessdiff.samplers.defaults",
     "method_defaults": "hessdiff.samplers.defaults",
+    "recommended_sampler": "hessdiff.samplers.defaults",
     # LML and diffusers
     "LMLCorrection": "hessdiff.samplers.lml",
     "HessianStepCorrection": "hessdiff.samplers.lml",

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DEFAULTS", "EMBEDDED_FAMILIES", "TASK_GROUPS", "default_method", "method_defaults", "model_family",
-           "task_overrides"]
+__all__ = ["DEFAULTS", "EMBEDDED_FAMILIES", "SAMPLER_DEFAULTS", "TASK_GROUPS", "default_method", "method_defaults",
+           "model_family", "recommended_sampler", "task_overrides"]
 
 #: groups of task names a row's ``"tasks"`` overrides may name (the papers set options per problem kind)
 TASK_GROUPS: dict[str, tuple[str, ...]] = {
@@ -104,6 +104,45 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 #: (the embedded Fashion-MNIST models are the same size and image format: they use the rows tuned on MNIST)
 EMBEDDED_FAMILIES: dict[str, str] = {"mnist": "mnist", "mnist-ddpm": "mnist", "mnist-ldm": "mnist",
                                      "fashion": "mnist", "fashion-ddpm": "mnist", "fashion-ldm": "mnist"}
+
+
+#: unconditional sampling: model -> ``(max_steps, sampler, solver)`` rows, the first whose ``max_steps`` (None:
+#: any) covers the step count is the recommendation (``hessdiff sample --sampler auto``); ``sampler`` is a
+#: ``hessdiff sample`` name, ``solver`` the base of an ``lml-*`` sampler. ``published`` is for every other model
+#: (diffusers' DPMSolverMultistepScheduler default). The embedded pixel models: the data-covariance step on
+#: UniPC-2 (``lml_variant="cov"``, zero extra evaluations) up to 10 steps -- domain FID at NFE 5 / 6 / 8 / 10 on
+#: Fashion 0.88 / 0.75 / 0.67 / 0.66 against the best base's 3.69 / 2.33 / 1.19 / 0.83 (beyond twice the
+#: block spread at 5 and 6), on MNIST 1.86 / 1.68 / 1.54 against UniPC-2's 2.37 / 1.75 / 1.60 at 5 / 8 / 10;
+#: plain UniPC-2 above, where the bases catch up (Fashion NFE 15 / 20: ties; BENCHMARKS.md, ``hessdiff bench
+#: lml --parts embedded``)
+SAMPLER_DEFAULTS: dict[str, tuple[tuple[int | None, str, str | None], ...]] = {
+    "published": ((None, "dpm++", None),),
+    "fashion": ((10, "lml-cov", "unipc"), (None, "unipc", None)),
+    "mnist": ((10, "lml-cov", "unipc"), (None, "unipc", None)),
+}
+
+
+def recommended_sampler(model: str | None, steps: int) -> tuple[str, str | None]:
+    """``(sampler, solver)`` recommended for ``model`` (an embedded name, with or without ``hessdiff/`` or
+    ``-ddpm``, or an embedded model's folder; anything else gets the ``published`` row) at ``steps`` steps
+    (:data:`SAMPLER_DEFAULTS`)."""
+    name = str(model or "").removeprefix("hessdiff/")
+    if name and name not in EMBEDDED_FAMILIES:  # the folder of an embedded model
+        from pathlib import Path
+
+        from .models import assets_path
+
+        try:
+            path = Path(name).resolve()
+            if path.parent == (assets_path() / "models").resolve():
+                name = path.name
+        except (OSError, ValueError):
+            pass
+    name = name.removesuffix("-ddpm")
+    for max_steps, sampler, solver in SAMPLER_DEFAULTS.get(name, SAMPLER_DEFAULTS["published"]):
+        if max_steps is None or steps <= max_steps:
+            return sampler, solver
+    raise AssertionError(f"the sampler defaults of {name!r} have no row for {steps} steps")  # last row: any
 
 
 def default_method(is_latent: bool) -> str:

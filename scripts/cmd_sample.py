@@ -41,6 +41,7 @@ EPILOG = """examples:
   hessdiff sample --sampler lml-published --solver dpm --steps 10 --lml-option lamb=8e-4 --seeds 0,3,5-9
   hessdiff sample --sampler lml-hessian-step --steps 10 --seeds 0-15 --out runs/lml
   hessdiff sample --model fashion --sampler lml-cov --solver unipc --steps 5 --seeds 0-15   # zero extra NFE
+  hessdiff sample --model fashion --sampler auto --steps 6 --seeds 0-15   # the defaults table's choice (lml-cov)
   hessdiff sample --model google/ddpm-cifar10-32 --sampler dpm --steps 10 --seeds 0-63 --device cuda
   hessdiff sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a photo of a cat" \\
       --steps 25 --seeds 0-3 --dtype float16 --device cuda
@@ -75,8 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--sampler", help=f"{', '.join(SAMPLERS)}, or {', '.join(LML_VARIANTS)} "
-                                     "(default: dpm++, euler for flow-matching models)")
+    p.add_argument("--sampler", help=f"{', '.join(SAMPLERS)}, or {', '.join(LML_VARIANTS)}, or auto (the "
+                                     "defaults table's recommendation for the model and step count: "
+                                     "hessdiff.recommended_sampler) (default: dpm++, euler for flow-matching models)")
     p.add_argument("--solver", help="base solver of an lml-* sampler (default dpm++, euler for flow models)")
     p.add_argument("--lml-option", action="append", default=[], metavar="KEY=VALUE",
                    help="argument of the LML correction (repeatable), e.g. lamb=1e-3, kappa=0.5, rank=2")
@@ -277,7 +279,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.eta is not None and not (math.isfinite(args.eta) and args.eta >= 0):
         raise CLIError(f"--eta must be a finite non-negative number, got {args.eta}")
-    known = SAMPLERS + tuple(LML_VARIANTS)
+    known = SAMPLERS + tuple(LML_VARIANTS) + ("auto",)
+    if args.sampler == "auto" and args.solver is not None:
+        raise CLIError("--solver is chosen by --sampler auto (the defaults table's recommendation); give an "
+                       "explicit --sampler to set it")
     if args.sampler is not None and args.sampler not in known:
         raise CLIError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(known)}")
     if args.solver is not None and args.solver not in SAMPLERS:
@@ -298,8 +303,16 @@ def run(args: argparse.Namespace) -> int:
         kind = "latent" if model.is_latent else "pixel"
         say(f"model {args.model} ({kind} space, images {model.channels}x{model.resolution}x{model.resolution}) "
             f"on {device.type} {str(dtype).replace('torch.', '')}")
+        sampler, solver = args.sampler, args.solver
+        if sampler == "auto":
+            from hessdiff.samplers.defaults import recommended_sampler
+
+            flow = getattr(den.schedule, "kind", "vp") == "flow"
+            sampler, solver = ("euler", None) if flow else recommended_sampler(args.model, args.steps)
+            say(f"sampler auto: {sampler}" + (f" on {solver}" if solver else "") +
+                f" (the defaults table's choice for {args.model} at {args.steps} steps)")
         try:
-            images, rep = sample_images(model, seeds, sampler=args.sampler, solver=args.solver, steps=args.steps,
+            images, rep = sample_images(model, seeds, sampler=sampler, solver=solver, steps=args.steps,
                                         eta=args.eta, lml_options=lml_options, batch_size=args.batch_size,
                                         denoiser=den, progress=not args.quiet)
         except RuntimeError as exc:

@@ -147,6 +147,33 @@ def test_lml_cov_sampler_uses_the_shipped_data_covariance(tmp_path, capsys):
     assert f"no data covariance at {tmp_path / 'x.st'}" in capsys.readouterr().err
 
 
+def test_sampler_auto_takes_the_defaults_table_recommendation(tmp_path, pixel_model_dir, capsys):
+    from hessdiff import recommended_sampler
+    from hessdiff.samplers.models import assets_path
+
+    # the table: the covariance step on UniPC at low step counts for the embedded pixel models, plain UniPC above
+    assert recommended_sampler("fashion", 5) == ("lml-cov", "unipc") == recommended_sampler("hessdiff/mnist-ddpm", 10)
+    assert recommended_sampler("fashion", 11) == ("unipc", None)
+    assert recommended_sampler(str(assets_path() / "models" / "fashion-ddpm"), 6) == ("lml-cov", "unipc")
+    # anything else: the published row (diffusers' default), a copy of an embedded folder elsewhere included
+    assert recommended_sampler("google/ddpm-cifar10-32", 5) == ("dpm++", None)
+    assert recommended_sampler(str(pixel_model_dir), 5) == ("dpm++", None)
+    assert _main("--model", "fashion", "--sampler", "auto", "--steps", "3", "--seeds", "0",
+                 "--out", str(tmp_path / "a"), "--quiet") == 0
+    model = _common.load_model_for_cli("fashion", torch.device("cpu"), torch.float32)
+    lml, _ = cmd_sample.sample_images(model, [0], sampler="lml-cov", solver="unipc", steps=3)
+    from PIL import Image
+
+    from hessdiff.utils.images import to_uint8_array
+
+    got = torch.from_numpy(np.asarray(Image.open(tmp_path / "a" / "seed0000.png"), dtype=np.float32))
+    want = torch.from_numpy(np.asarray(to_uint8_array(lml[0]), dtype=np.float32))
+    assert torch.equal(got.reshape(want.shape), want)  # the same image as lml-cov on unipc
+    assert _main("--model", str(pixel_model_dir), "--sampler", "auto", "--steps", "2", "--seeds", "0",
+                 "--out", str(tmp_path / "b"), "--device", "cpu") == 0
+    assert "sampler auto: dpm++ (the defaults table's choice" in capsys.readouterr().out
+
+
 def test_published_lml_float64_is_the_base_solver(pixel_model_dir):
     """The published correction is the identity in exact arithmetic (kappa = 0): in float64 precision the
     LML sampler reproduces the base solver's images to float32 rounding."""
@@ -192,6 +219,7 @@ def test_parse_seeds():
     (("--sampler", "lml-published", "--lml-option", "colour=1"), "--lml-option"),
     (("--lml-option", "lamb=1e-3"), "lml-"),
     (("--steps", "0"), "--steps"),
+    (("--sampler", "auto", "--solver", "ddim"), "--solver is chosen by --sampler auto"),
     (("--prompt", "a cat"), "not text-conditional"),
     (("--model", "no/such-model-here"), "no network"),
 ])
