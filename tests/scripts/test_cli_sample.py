@@ -154,6 +154,8 @@ def test_sampler_auto_takes_the_defaults_table_recommendation(tmp_path, pixel_mo
     # the table: the covariance step on UniPC at low step counts for the embedded pixel models, plain UniPC above
     assert recommended_sampler("fashion", 5) == ("lml-cov", "unipc") == recommended_sampler("hessdiff/mnist-ddpm", 10)
     assert recommended_sampler("fashion", 11) == ("unipc", None)
+    assert recommended_sampler("fashion-ldm", 6) == ("lml-cov", "unipc")  # latent: the VAE latents' covariance
+    assert recommended_sampler("fashion-ldm", 8) == ("unipc", None) == recommended_sampler("mnist-ldm", 5)
     assert recommended_sampler(str(assets_path() / "models" / "fashion-ddpm"), 6) == ("lml-cov", "unipc")
     # anything else: the published row (diffusers' default), a copy of an embedded folder elsewhere included
     assert recommended_sampler("google/ddpm-cifar10-32", 5) == ("dpm++", None)
