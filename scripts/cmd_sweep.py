@@ -53,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --compare: read the second method from another sweep (its --out folder, or its "
                         "results.jsonl, .gz allowed), paired by task label, image id and seed")
     p.add_argument("--metric", default="psnr", help="the paired metric of --compare (default: psnr)")
+    p.add_argument("--compare-only", action="store_true",
+                   help="print the --compare tables from the results already in --out, without running or "
+                        "loading anything (CONFIG may be omitted)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="do not write plots/*.png")
     p.add_argument("--check", action="store_true", help="validate the configuration, print it resolved, and exit")
@@ -101,12 +104,32 @@ def _config_path(name: str) -> Path:
     raise CLIError(f"sweep configuration {name} not found (shipped examples: {', '.join(shipped) or 'none'})")
 
 
+def _compare_only(args: argparse.Namespace) -> int:
+    """``--compare-only``: the paired tables of a sweep folder's ``results.jsonl`` (nothing is run or loaded)."""
+    from hessdiff.eval.sweep.compare import format_comparison, paired_comparison, parse_pair
+    from hessdiff.scripts.cli import CLIError
+
+    if not args.out or not args.compare:
+        raise CLIError("--compare-only needs --out DIR (a sweep folder) and at least one --compare A:B")
+    pairs = [parse_pair(c) for c in args.compare]
+    if not (Path(args.out) / "results.jsonl").is_file():
+        raise CLIError(f"{args.out} has no results.jsonl (run the sweep first)")
+    if args.against is not None and not Path(args.against).exists():
+        raise CLIError(f"--against {args.against}: no such sweep folder or results file")
+    for k, (a, b) in enumerate(pairs):
+        print(("\n" if k else "") + format_comparison(
+            paired_comparison(args.out, a, b, args.metric, against=args.against), a, b))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from hessdiff.scripts.cli import CLIError
 
     if args.list_methods:
         print(_list_methods())
         return 0
+    if args.compare_only:
+        return _compare_only(args)
     if not args.config:
         raise CLIError("give a sweep configuration file (see hessdiff sweep --help)")
     import json

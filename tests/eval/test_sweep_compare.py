@@ -95,3 +95,19 @@ def test_against_pairs_a_method_with_another_sweeps_rows_by_task_image_and_seed(
     assert all(r["diff"] == 0 for r in paired_comparison(out, ("pinv", 0), ("pinv", 0), against=out))
     with pytest.raises(FileNotFoundError, match="sweep folder or a results"):
         paired_comparison(out, ("pinv", 0), ("pinv", 0), against=tmp_path / "missing.jsonl")
+
+
+def test_compare_only_prints_the_tables_of_a_finished_sweep_without_running(tmp_path, capsys):
+    from hessdiff.scripts.cli import main
+
+    out = _sweep(tmp_path)
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["sweep", "--out", str(out), "--compare-only", "--compare", "pinv:pinv",
+                 "--against", str(out / "results.jsonl")]) == 0
+    text = capsys.readouterr().out
+    assert "| pinv - pinv (95 % CI) |" in text and text.count("+0.000 ± 0.000") == 2
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written
+    assert main(["sweep", "--out", str(tmp_path / "none"), "--compare-only", "--compare", "pinv:pinv"]) == 2
+    assert "has no results.jsonl" in capsys.readouterr().err
+    assert main(["sweep", "--out", str(out), "--compare-only"]) == 2
+    assert "at least one --compare" in capsys.readouterr().err
