@@ -3,7 +3,11 @@
 Each case runs one method with fixed seeds and compares its output with the stored tensors in
 ``tests/golden/golden.pt``:
 
-* exact Gaussian-mixture oracles in float64: relative difference <= 1e-12;
+* exact Gaussian-mixture oracles in float64: relative difference <= 1e-12 on the machine that wrote the file;
+  on another CPU capability (AVX2 against AVX512: vectorised reductions round differently) <= 1e-9, as
+  ill-conditioned steps amplify the last-bit differences (the published LML map by ``|g|^2 / lamb``: 1.6e-10
+  with ``lamb = 1e-3`` measured on an AVX512 machine against the AVX2 file) -- an algorithmic change moves
+  these outputs by far more;
 * the embedded models in float32 on the CPU: bit for bit when the machine matches the one that wrote
   the file (same torch version and CPU capability), otherwise within float32 rounding of a few
   network passes (relative 1e-4; the published LML map amplifies rounding, see ``LOOSE``);
@@ -553,7 +557,7 @@ def _compare(name: str, got: dict[str, torch.Tensor], golden: dict) -> None:
             continue
         assert torch.isfinite(g).all() == torch.isfinite(w).all()
         if w.dtype == torch.float64 and not name.startswith(("mnist", "cli")):
-            rtol = 1e-12
+            rtol = 1e-12 if same_machine else 1e-9
         elif same_machine:
             rtol = 0.0
         else:
