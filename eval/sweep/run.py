@@ -7,7 +7,7 @@ import datetime as _dt
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -408,10 +408,8 @@ def _undo_new_folder(out: Path, made_lock: bool, missing_dirs: list[Path]) -> No
             d.rmdir()
 
 
-def _run_sweep(cfg: SweepConfig, out: Path, dist: _Dist, lock: _FolderLock, *, resume: bool, limit: int | None,
-               progress: bool, feature_extractor: Any | None, plots: bool, say: Callable[[str], None],
-               t_begin: float) -> SweepReport:
-    # -- data and identity (every rank, deterministic), before the folder is touched --
+def _image_sets(cfg: SweepConfig) -> tuple[_ImageSet | None, _ImageSet | None]:
+    """The sweep's images and the FID reference set (the same object when the reference is the data)."""
     data = None
     if cfg.data is not None:
         d = cfg.data
@@ -427,12 +425,19 @@ def _run_sweep(cfg: SweepConfig, out: Path, dist: _Dist, lock: _FolderLock, *, r
                             first_n=m.reference_first_n or None)
         else:
             ref = _ImageSet("reference", folder=Path(m.reference), first_n=m.reference_first_n or None)
+    return data, ref
+
+
+def _identity(cfg: SweepConfig, data: _ImageSet | None, ref: _ImageSet | None,
+              feature_extractor: Any | None) -> tuple[dict[str, Any], dict[str, Any], str, dict[str, Any]]:
+    """``(resolved config, identity, sweep hash, info)``: what ``sweep.json`` records (deterministic on every
+    rank, computed before the folder is touched)."""
+    m = cfg.metrics
     resolved = cfg.resolved()
     if feature_extractor is not None and m.needs_features:
         resolved["metrics"]["features"] = f"custom:{getattr(feature_extractor, 'name', 'unnamed')}"
     identity = {"config": resolved, "data": data.describe() if data else None,
                 "reference": ref.describe() if ref is not None and ref is not data else None}
-    sweep_hash = config_hash(identity)
     info = {
         "config_file": str(cfg.source) if cfg.source else None,
         "data_folder": str(cfg.data.folder) if cfg.data and cfg.data.folder else None,
@@ -440,6 +445,55 @@ def _run_sweep(cfg: SweepConfig, out: Path, dist: _Dist, lock: _FolderLock, *, r
         "skipped_files": [list(s) for s in (data.skipped if data else [])],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    return resolved, identity, config_hash(identity), info
+
+
+def _plan(out: Path, items: list[_Item], batches: list[Any], sweep_hash: str, has_features: bool,
+          limit: int | None) -> dict[str, list[int]]:
+    """Rank 0: the pending item indices and the batches to run (at most about ``limit`` sample items; pending
+    reference batches are always included, and only when there is a feature extractor)."""
+    pset = {it.index for it in items if not _item_done(out, it, sweep_hash)}
+    todo = [j for j, (u, its) in enumerate(batches)
+            if (has_features or u.kind == "sample") and any(it.index in pset for it in its)]
+    if limit is not None:
+        kept, count = [], 0
+        for j in todo:
+            if batches[j][0].kind == "sample":
+                if count >= limit:
+                    continue
+                count += sum(it.index in pset for it in batches[j][1])
+            kept.append(j)
+        todo = kept
+    return {"pending": sorted(pset), "batches": todo}
+
+
+def _compute(mine: Sequence[int], batches: list[Any], runner: _Runner, pending: set[int], data: _ImageSet | None,
+             ref: _ImageSet | None, bar: Any | None) -> tuple[int, float, int]:
+    """Run this rank's batches; ``(items computed, seconds in sample batches, sample items in them)``."""
+    computed, sample_time, sample_count = 0, 0.0, 0
+    try:
+        for j in mine:
+            unit, its = batches[j]
+            t0 = time.perf_counter()
+            n = runner.run_batch(unit, its, pending, ref if unit.kind == "reference" else data, ref, j)
+            if unit.kind == "sample":
+                sample_time += time.perf_counter() - t0
+                sample_count += len(its)
+            computed += n
+            if bar is not None:
+                bar.set_postfix_str(unit.label, refresh=False)
+                bar.update(n)
+    finally:
+        if bar is not None:
+            bar.close()
+    return computed, sample_time, sample_count
+
+
+def _run_sweep(cfg: SweepConfig, out: Path, dist: _Dist, lock: _FolderLock, *, resume: bool, limit: int | None,
+               progress: bool, feature_extractor: Any | None, plots: bool, say: Callable[[str], None],
+               t_begin: float) -> SweepReport:
+    data, ref = _image_sets(cfg)
+    resolved, identity, sweep_hash, info = _identity(cfg, data, ref, feature_extractor)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         lock.acquire()
@@ -460,7 +514,7 @@ def _run_sweep(cfg: SweepConfig, out: Path, dist: _Dist, lock: _FolderLock, *, r
 
     runner = _Runner(cfg, out, dist, feature_extractor)
     runner.sweep_hash = sweep_hash
-    has_features = m.needs_features and runner.extractor is not None
+    has_features = cfg.metrics.needs_features and runner.extractor is not None
     items, batches = _build_work(cfg, data, ref, resolved["metrics"]["features"])
     sample_items = [it for it in items if it.unit.kind == "sample"]
 
@@ -470,21 +524,7 @@ def _run_sweep(cfg: SweepConfig, out: Path, dist: _Dist, lock: _FolderLock, *, r
         removed = remove_temp_files(out)
         if removed:
             say(f"removed {removed} temporary file(s) left by an interrupted run")
-        pending_idx = [it.index for it in items if not _item_done(out, it, sweep_hash)]
-        pset = set(pending_idx)
-        # without a feature extractor (missing weights) reference items stay pending
-        todo = [j for j, (u, its) in enumerate(batches)
-                if (has_features or u.kind == "sample") and any(it.index in pset for it in its)]
-        if limit is not None:  # counts sample items; pending reference batches are always included
-            kept, count = [], 0
-            for j in todo:
-                if batches[j][0].kind == "sample":
-                    if count >= limit:
-                        continue
-                    count += sum(it.index in pset for it in batches[j][1])
-                kept.append(j)
-            todo = kept
-        plan = {"pending": pending_idx, "batches": todo}
+        plan = _plan(out, items, batches, sweep_hash, has_features, limit)
     plan = dist.broadcast(plan)
     pending = set(plan["pending"])
     mine = plan["batches"][dist.rank::dist.world]
@@ -505,25 +545,7 @@ def _run_sweep(cfg: SweepConfig, out: Path, dist: _Dist, lock: _FolderLock, *, r
 
         desc = "sweep" if dist.world == 1 else f"sweep (rank 0 of {dist.world})"
         bar = tqdm(total=total_mine, desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1)
-    computed = 0
-    sample_time = 0.0
-    sample_count = 0
-    try:
-        for j in mine:
-            unit, its = batches[j]
-            t0 = time.perf_counter()
-            images = ref if unit.kind == "reference" else data
-            n = runner.run_batch(unit, its, pending, images, ref, j)
-            if unit.kind == "sample":
-                sample_time += time.perf_counter() - t0
-                sample_count += len(its)
-            computed += n
-            if bar is not None:
-                bar.set_postfix_str(unit.label, refresh=False)
-                bar.update(n)
-    finally:
-        if bar is not None:
-            bar.close()
+    computed, sample_time, sample_count = _compute(mine, batches, runner, pending, data, ref, bar)
     if dist.main and dist.world > 1:  # the others' items, as they appear (not a barrier with a fixed timeout)
         others = [(r, it) for r in range(1, dist.world) for j in plan["batches"][r::dist.world]
                   for it in batches[j][1] if it.index in pending and (has_features or it.unit.kind == "sample")]
