@@ -176,6 +176,16 @@ def test_sampler_auto_takes_the_defaults_table_recommendation(tmp_path, pixel_mo
     assert "sampler auto: dpm++ (the defaults table's choice" in capsys.readouterr().out
 
 
+def test_latent_models_ship_their_lml_files_and_the_lml_samplers_use_them():
+    """fashion-ldm: lml_cov / lml_stats of its VAE latents (256 numbers), zero extra evaluations each."""
+    model = _common.load_model_for_cli("fashion-ldm", torch.device("cpu"), torch.float32)
+    base, _ = cmd_sample.sample_images(model, [0], sampler="unipc", steps=3)
+    for sampler, source in (("lml-cov", "DataCovarianceSource"), ("lml-stats", "StatsSource")):
+        img, rep = cmd_sample.sample_images(model, [0], sampler=sampler, solver="unipc", steps=3)
+        assert source in rep["correction_repr"] and rep["nfe"] == 3 and not rep["extra"]
+        assert torch.isfinite(img).all() and (img - base).abs().max() > 1e-3
+
+
 def test_published_lml_float64_is_the_base_solver(pixel_model_dir):
     """The published correction is the identity in exact arithmetic (kappa = 0): in float64 precision the
     LML sampler reproduces the base solver's images to float32 rounding."""
