@@ -9,15 +9,11 @@ alone for methods without steps, e.g. ``pinv``), ``LABEL`` being the ``[[methods
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from hessdiff.eval.sweep.store import _number
 from hessdiff.eval.sweep.summary import load_results
 
 __all__ = ["paired_comparison", "format_comparison", "parse_pair"]
@@ -50,24 +46,6 @@ def parse_pair(text: str) -> tuple[tuple[str, int], tuple[str, int]]:
     return _split(a), _split(b)
 
 
-def _records(src: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a sweep folder, or of a ``results.jsonl`` file (gzipped when it ends in ``.gz``)."""
-    path = Path(src)
-    if path.is_dir():
-        return load_results(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (expected a sweep folder or a results.jsonl[.gz] file)")
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            recs = [json.loads(line) for line in fh if line.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not a results file of a sweep ({err})") from None
-    for rec in recs:
-        rec["metrics"] = {k: _number(v) for k, v in rec.get("metrics", {}).items()}
-    return recs
-
-
 def _values(recs: Sequence[dict[str, Any]], method: tuple[str, int],
             metric: str) -> dict[tuple[str, str], dict[tuple[Any, Any], float]]:
     """``{(model, task): {(image id, seed): value}}`` of one method's finite values."""
@@ -94,9 +72,9 @@ def paired_comparison(out: str | os.PathLike, a: tuple[str, int], b: tuple[str, 
     pixel model's on the same images and measurements; ``model`` is then ``"A-model vs B-model"``). The
     measurements are the same only where both sweeps used the same data, task parameters and seeds:
     comparing ``pinv`` with itself across the two (a difference of exactly zero) checks that."""
-    recs_a = load_results(out) if against is None else _records(out)
+    recs_a = load_results(out)
     va_all = _values(recs_a, a, metric)
-    vb_all = _values(recs_a if against is None else _records(against), b, metric)
+    vb_all = _values(recs_a if against is None else load_results(against), b, metric)
     rows = []
     for (model, task), va in va_all.items():
         for (model_b, task_b), vb in vb_all.items():

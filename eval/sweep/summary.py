@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import math
@@ -33,16 +34,24 @@ def strip_run_fields(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_results(out: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of ``out/results.jsonl`` (metric values "inf" / "nan" turned back into floats)."""
-    path = Path(out) / "results.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (has the sweep finished once?)")
-    recs = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            rec["metrics"] = {k: _number(v) for k, v in rec.get("metrics", {}).items()}
-            recs.append(rec)
+    """The records of ``out/results.jsonl`` (metric values "inf" / "nan" turned back into floats); ``out`` may
+    also be such a results file itself (gzipped when its name ends in ``.gz``, as the committed rows are)."""
+    path = Path(out)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found (has the sweep finished once? expected a sweep folder or a "
+                                "results.jsonl[.gz] file)")
+    if path.is_dir():
+        path = path / "results.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (has the sweep finished once?)")
+    try:
+        text = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else \
+            path.read_text(encoding="utf-8")
+        recs = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a results file of a sweep ({err})") from None
+    for rec in recs:
+        rec["metrics"] = {k: _number(v) for k, v in rec.get("metrics", {}).items()}
     return recs
 
 
