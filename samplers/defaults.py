@@ -130,19 +130,7 @@ def recommended_sampler(model: str | None, steps: int) -> tuple[str, str | None]
     """``(sampler, solver)`` recommended for ``model`` (an embedded name, with or without ``hessdiff/`` or
     ``-ddpm``, or an embedded model's folder; anything else gets the ``published`` row) at ``steps`` steps
     (:data:`SAMPLER_DEFAULTS`)."""
-    name = str(model or "").removeprefix("hessdiff/")
-    if name and name not in EMBEDDED_FAMILIES:  # the folder of an embedded model
-        from pathlib import Path
-
-        from .models import assets_path
-
-        try:
-            path = Path(name).resolve()
-            if path.parent == (assets_path() / "models").resolve():
-                name = path.name
-        except (OSError, ValueError):
-            pass
-    name = name.removesuffix("-ddpm")
+    name = (_embedded_name(model) or "").removesuffix("-ddpm")
     for max_steps, sampler, solver in SAMPLER_DEFAULTS.get(name, SAMPLER_DEFAULTS["published"]):
         if max_steps is None or steps <= max_steps:
             return sampler, solver
@@ -158,11 +146,17 @@ def default_method(is_latent: bool) -> str:
 def model_family(source: str | None) -> str | None:
     """The family of a model named ``source``: an embedded name (with or without ``hessdiff/``), or the
     path of an embedded model's folder (as a pipeline loaded from it records in ``name_or_path``)."""
+    name = _embedded_name(source)
+    return EMBEDDED_FAMILIES.get(name) if name else None
+
+
+def _embedded_name(source: str | None) -> str | None:
+    """The embedded model a source names (with or without ``hessdiff/``), or whose folder it is; else None."""
     if not source:
         return None
     name = str(source).removeprefix("hessdiff/")
     if name in EMBEDDED_FAMILIES:
-        return EMBEDDED_FAMILIES[name]
+        return name
     from pathlib import Path
 
     from .models import assets_path
@@ -172,7 +166,7 @@ def model_family(source: str | None) -> str | None:
         inside = path.parent == (assets_path() / "models").resolve()
     except (OSError, ValueError):
         return None
-    return EMBEDDED_FAMILIES.get(path.name) if inside else None
+    return path.name if inside and path.name in EMBEDDED_FAMILIES else None
 
 
 def task_overrides(method: str, task: str | None, family: str | None = None, row: str | None = None
