@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 EPILOG = """examples:
   hessdiff sweep mnist-quick --out runs/quick                # a shipped example (assets/sweeps/*.toml)
@@ -104,21 +105,38 @@ def _config_path(name: str) -> Path:
     raise CLIError(f"sweep configuration {name} not found (shipped examples: {', '.join(shipped) or 'none'})")
 
 
+def _comparison_pairs(args: argparse.Namespace) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """The parsed ``--compare`` pairs, with ``--against`` checked (bad input fails before anything runs)."""
+    from hessdiff.eval.sweep.compare import parse_pair
+    from hessdiff.scripts.cli import CLIError
+
+    pairs = [parse_pair(c) for c in args.compare]
+    if args.against is not None and not pairs:
+        raise CLIError("--against needs --compare A:B (B is read from OTHER)")
+    if args.against is not None and not Path(args.against).exists():
+        raise CLIError(f"--against {args.against}: no such sweep folder or results file")
+    return pairs
+
+
+def _print_comparisons(out: Any, pairs: list[tuple[tuple[str, int], tuple[str, int]]],
+                       args: argparse.Namespace) -> None:
+    from hessdiff.eval.sweep.compare import format_comparison, paired_comparison
+
+    for k, (a, b) in enumerate(pairs):
+        print(("\n" if k else "") + format_comparison(
+            paired_comparison(out, a, b, args.metric, against=args.against), a, b))
+
+
 def _compare_only(args: argparse.Namespace) -> int:
     """``--compare-only``: the paired tables of a sweep folder's ``results.jsonl`` (nothing is run or loaded)."""
-    from hessdiff.eval.sweep.compare import format_comparison, paired_comparison, parse_pair
     from hessdiff.scripts.cli import CLIError
 
     if not args.out or not args.compare:
         raise CLIError("--compare-only needs --out DIR (a sweep folder) and at least one --compare A:B")
-    pairs = [parse_pair(c) for c in args.compare]
+    pairs = _comparison_pairs(args)
     if not (Path(args.out) / "results.jsonl").is_file():
         raise CLIError(f"{args.out} has no results.jsonl (run the sweep first)")
-    if args.against is not None and not Path(args.against).exists():
-        raise CLIError(f"--against {args.against}: no such sweep folder or results file")
-    for k, (a, b) in enumerate(pairs):
-        print(("\n" if k else "") + format_comparison(
-            paired_comparison(args.out, a, b, args.metric, against=args.against), a, b))
+    _print_comparisons(args.out, pairs, args)
     return 0
 
 
@@ -147,13 +165,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise CLIError("--out is required (the folder for images, results and summaries)")
-    from hessdiff.eval.sweep.compare import format_comparison, paired_comparison, parse_pair
-
-    pairs = [parse_pair(c) for c in args.compare]  # bad specs fail before the run
-    if args.against is not None and not pairs:
-        raise CLIError("--against needs --compare A:B (B is read from OTHER)")
-    if args.against is not None and not Path(args.against).exists():
-        raise CLIError(f"--against {args.against}: no such sweep folder or results file")
+    pairs = _comparison_pairs(args)  # bad specs fail before the run
     if args.threads is not None:
         import torch
 
@@ -182,9 +194,9 @@ def run(args: argparse.Namespace) -> int:
     if "plots" in files:
         where += f", plots in {files['plots']}/"
     print(f"sweep {state} ({timing}); results: {where}")
-    for a, b in pairs:
+    if pairs:
         print()
-        print(format_comparison(paired_comparison(report.out, a, b, args.metric, against=args.against), a, b))
+        _print_comparisons(report.out, pairs, args)
     return 0
 
 
