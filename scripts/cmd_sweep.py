@@ -50,9 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", action="append", default=[], metavar="A:B",
                    help="after the run, print paired differences of two methods per model and task, e.g. "
                         "mmps@20:dps@100 (LABEL@STEPS, LABEL for methods without steps; repeatable)")
-    p.add_argument("--against", default=None, metavar="OTHER",
+    p.add_argument("--against", action="append", default=None, metavar="OTHER",
                    help="with --compare: read the second method from another sweep (its --out folder, or its "
-                        "results.jsonl, .gz allowed), paired by task label, image id and seed")
+                        "results.jsonl, .gz allowed), paired by task label, image id and seed; repeat it to join "
+                        "shards of that sweep")
+    p.add_argument("--with", dest="with_", action="append", default=[], metavar="SHARD",
+                   help="with --compare: join the rows of another shard of this sweep (a folder or results file "
+                        "of a run over other images, e.g. [data] skip) with --out's; repeatable")
     p.add_argument("--metric", default="psnr", help="the paired metric of --compare (default: psnr)")
     p.add_argument("--compare-only", action="store_true",
                    help="print the --compare tables from the results already in --out, without running or "
@@ -113,8 +117,12 @@ def _comparison_pairs(args: argparse.Namespace) -> list[tuple[tuple[str, int], t
     pairs = [parse_pair(c) for c in args.compare]
     if args.against is not None and not pairs:
         raise CLIError("--against needs --compare A:B (B is read from OTHER)")
-    if args.against is not None and not Path(args.against).exists():
-        raise CLIError(f"--against {args.against}: no such sweep folder or results file")
+    if args.with_ and not pairs:
+        raise CLIError("--with needs --compare A:B (it adds rows to --out's)")
+    for flag, paths in (("--against", args.against or []), ("--with", args.with_)):
+        for path in paths:
+            if not Path(path).exists():
+                raise CLIError(f"{flag} {path}: no such sweep folder or results file")
     return pairs
 
 
@@ -122,9 +130,10 @@ def _print_comparisons(out: Any, pairs: list[tuple[tuple[str, int], tuple[str, i
                        args: argparse.Namespace) -> None:
     from hessdiff.eval.sweep.compare import format_comparison, paired_comparison
 
+    rows_of = [out, *args.with_] if args.with_ else out
     for k, (a, b) in enumerate(pairs):
         print(("\n" if k else "") + format_comparison(
-            paired_comparison(out, a, b, args.metric, against=args.against), a, b))
+            paired_comparison(rows_of, a, b, args.metric, against=args.against), a, b))
 
 
 def _compare_only(args: argparse.Namespace) -> int:
@@ -132,9 +141,10 @@ def _compare_only(args: argparse.Namespace) -> int:
     from hessdiff.scripts.cli import CLIError
 
     if not args.out or not args.compare:
-        raise CLIError("--compare-only needs --out DIR (a sweep folder) and at least one --compare A:B")
+        raise CLIError("--compare-only needs --out DIR (a sweep folder or its results file) and at least one "
+                       "--compare A:B")
     pairs = _comparison_pairs(args)
-    if not (Path(args.out) / "results.jsonl").is_file():
+    if not (Path(args.out).is_file() or (Path(args.out) / "results.jsonl").is_file()):
         raise CLIError(f"{args.out} has no results.jsonl (run the sweep first)")
     _print_comparisons(args.out, pairs, args)
     return 0

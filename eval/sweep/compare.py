@@ -62,8 +62,32 @@ def _values(recs: Sequence[dict[str, Any]], method: tuple[str, int],
     return by
 
 
-def paired_comparison(out: str | os.PathLike, a: tuple[str, int], b: tuple[str, int],
-                      metric: str = "psnr", against: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+Paths = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+def _joined(paths: Paths) -> list[dict[str, Any]]:
+    """The records of one sweep folder / results file, or of several (shards of one sweep, e.g. runs over
+    ``[data] skip`` ranges) joined; an item present in two of them must have the same metrics in both."""
+    if isinstance(paths, (str, os.PathLike)):
+        return load_results(paths)
+    seen: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
+    out: list[dict[str, Any]] = []
+    for p in paths:
+        for r in load_results(p):
+            key = (r.get("config_label"), (r.get("image") or {}).get("id"), r.get("seed"))
+            if key in seen:
+                first, where = seen[key]
+                if first.get("metrics") != r.get("metrics"):
+                    raise ValueError(f"item {key[0]} image {key[1]} seed {key[2]} is in {where} and {p} with "
+                                     "different metrics: not shards of one sweep")
+                continue
+            seen[key] = (r, str(p))
+            out.append(r)
+    return out
+
+
+def paired_comparison(out: Paths, a: tuple[str, int], b: tuple[str, int],
+                      metric: str = "psnr", against: Paths | None = None) -> list[dict[str, Any]]:
     """Rows ``{model, task, n, a, b, diff, ci, sd}`` (``diff`` = mean of ``a - b`` over the pairs, ``ci``
     the half-width of its 95 % Student-t interval) for every model and task where both ran.
 
@@ -71,10 +95,11 @@ def paired_comparison(out: str | os.PathLike, a: tuple[str, int], b: tuple[str, 
     there: items pair by task label, image id and seed, across models too (a latent model's rows against a
     pixel model's on the same images and measurements; ``model`` is then ``"A-model vs B-model"``). The
     measurements are the same only where both sweeps used the same data, task parameters and seeds:
-    comparing ``pinv`` with itself across the two (a difference of exactly zero) checks that."""
-    recs_a = load_results(out)
+    comparing ``pinv`` with itself across the two (a difference of exactly zero) checks that.
+    ``out`` and ``against`` may each be a list of folders / files: shards of one sweep, joined."""
+    recs_a = _joined(out)
     va_all = _values(recs_a, a, metric)
-    vb_all = _values(recs_a if against is None else load_results(against), b, metric)
+    vb_all = _values(recs_a if against is None else _joined(against), b, metric)
     rows = []
     for (model, task), va in va_all.items():
         for (model_b, task_b), vb in vb_all.items():

@@ -22,6 +22,7 @@ Schema (all sections but ``[[methods]]`` are optional)::
     folder = "images/"            # image folder (relative to this file) ...
     embedded = "mnist-test"       # ... or a data set shipped with hessdiff (exactly one of the two)
     first_n = 200                 # use the first N readable images (file order)
+    skip = 0                      # ... after the first `skip` ones: a shard of the order (ids, seeds unchanged)
     resolution = 64               # target size (default: the models' resolution); int or [h, w]
     channels = 3                  # 1 or 3 (default: the models' image channels)
     resize = "center-crop"        # see hessdiff.eval.images.RESIZE_MODES
@@ -119,7 +120,7 @@ _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 _TOP_KEYS = ("sweep", "models", "data", "tasks", "methods", "metrics")
 _SWEEP_KEYS = ("name", "seeds", "batch_size", "save_images", "interleave")
 _MODEL_KEYS = ("name", "label")
-_DATA_KEYS = ("folder", "embedded", "first_n", "resolution", "channels", "resize", "order", "recursive",
+_DATA_KEYS = ("folder", "embedded", "first_n", "skip", "resolution", "channels", "resize", "order", "recursive",
               "base_seed", "check")
 _TASK_KEYS = ("name", "label", "preset", "params")
 _METHOD_KEYS = ("name", "label", "steps", "options", "models")
@@ -253,6 +254,7 @@ class DataEntry:
     folder: Path | None = None
     embedded: str | None = None
     first_n: int | None = None
+    skip: int = 0
     resolution: tuple[int, int] | None = None
     channels: int | None = None
     resize: str = "center-crop"
@@ -262,10 +264,12 @@ class DataEntry:
     check: str = "verify"
 
     def resolved(self) -> dict[str, Any]:
-        """Hashed description; the folder's location is deliberately left out (see module docstring)."""
+        """Hashed description; the folder's location is deliberately left out (see module docstring).
+        ``skip`` appears only when set, so that the hashes of sweeps written before it existed stay valid."""
         return {
             "source": "folder" if self.folder is not None else f"embedded:{self.embedded}",
             "first_n": self.first_n,
+            **({"skip": self.skip} if self.skip else {}),
             "resolution": list(self.resolution) if self.resolution else None,
             "channels": self.channels,
             "resize": self.resize,
@@ -495,6 +499,7 @@ def _parse_data(name: str, raw: Any, base: Path | None) -> DataEntry:
         folder=folder,
         embedded=embedded,
         first_n=_int(where, "first_n", t["first_n"], minimum=1) if "first_n" in t else None,
+        skip=_int(where, "skip", t.get("skip", 0), minimum=0),
         resolution=_resolution(where, t["resolution"]) if "resolution" in t else None,
         channels=_channels(where, t["channels"]) if "channels" in t else None,
         resize=_str(where, "resize", t.get("resize", "center-crop"), choices=tuple(RESIZE_MODES)),

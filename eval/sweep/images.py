@@ -63,12 +63,13 @@ class _ImageSet:
     """Clean images: ids, per-image seeds, a digest of the file list, and uint8 loading at a resolution."""
 
     def __init__(self, kind: str, *, folder: Path | None = None, embedded: str | None = None,
-                 first_n: int | None = None, resize: str = "center-crop", order: str = "path",
+                 first_n: int | None = None, skip: int = 0, resize: str = "center-crop", order: str = "path",
                  recursive: bool = True, base_seed: int = 0, check: str = "verify") -> None:
         self.kind = kind
         self.folder, self.embedded = folder, embedded
         self.resize = resize
         self.base_seed = base_seed
+        self.skip = skip  #: position of image 0 in the full order ([data] skip)
         self.skipped: list[tuple[str, str]] = []
         self._datasets: dict[Any, Any] = {}
         if folder is not None:
@@ -76,8 +77,9 @@ class _ImageSet:
 
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                ds = ImageFolderDataset(folder, None, first_n=first_n, resize=resize, recursive=recursive,
-                                        order=order, base_seed=base_seed, check=check)
+                ds = ImageFolderDataset(folder, None, first_n=None if first_n is None else skip + first_n,
+                                        resize=resize, recursive=recursive, order=order, base_seed=base_seed,
+                                        check=check)
             self.skipped = [(str(p), r) for p, r in ds.skipped]
             if self.skipped:
                 warnings.warn(
@@ -88,10 +90,12 @@ class _ImageSet:
             for w in caught:
                 if "unreadable" not in str(w.message):
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-            self.files = [ds.relative_name(i) for i in range(len(ds))]
-            self._abs = list(ds.files)
+            if skip >= len(ds):
+                raise ValueError(f"skip={skip} but {folder} has only {len(ds)} readable images")
+            self.files = [ds.relative_name(i) for i in range(skip, len(ds))]
+            self._abs = list(ds.files)[skip:]
             # the content, not name + size: an image edited in place changes the sweep's identity
-            self.hashes: list[str | None] = [_file_sha256(p) for p in ds.files]
+            self.hashes: list[str | None] = [_file_sha256(p) for p in self._abs]
             self.digest = hashlib.sha256(canonical_json([[f, h] for f, h in zip(self.files, self.hashes,
                                                                                 strict=True)]).encode()).hexdigest()
             self._check, self._recursive = check, recursive
@@ -102,20 +106,22 @@ class _ImageSet:
             x = embedded_dataset("test", family=family)
             if part == "tune":
                 x = x[x.shape[0] - TUNE_SIZE[family]:]
-            if first_n is not None:
-                if first_n > x.shape[0]:
-                    raise ValueError(f"first_n={first_n} but embedded:{embedded} has only {x.shape[0]} images")
-                x = x[:first_n]
+            end = x.shape[0] if first_n is None else skip + first_n
+            if end > x.shape[0] or skip >= x.shape[0]:
+                raise ValueError(f"skip={skip}, first_n={first_n} but embedded:{embedded} has only {x.shape[0]} "
+                                 "images")
+            x = x[skip:end]
             u = to_uint8(x)
             self._uint8 = u.expand(-1, 3, -1, -1).contiguous() if u.shape[1] == 1 else u
-            self.files = [f"{embedded}/{i:05d}" for i in range(u.shape[0])]
+            self.files = [f"{embedded}/{skip + i:05d}" for i in range(u.shape[0])]
             self.hashes = [None] * len(self.files)
             self.digest = hashlib.sha256(self._uint8.numpy().tobytes()).hexdigest()
         #: per-image content hashes (what an item's result depends on: see work._image_identity)
         self.content: list[str] = [h if h is not None else hashlib.sha256(self._uint8[i].numpy().tobytes()).hexdigest()
                                    for i, h in enumerate(self.hashes)]
         self.ids = _unique_ids(self.files, self.hashes)
-        self.seeds = [base_seed + i for i in range(len(self.files))]
+        #: image i of the shard is image skip + i of the order, with that image's seed and id
+        self.seeds = [base_seed + skip + i for i in range(len(self.files))]
 
     def __len__(self) -> int:
         return len(self.files)

@@ -228,7 +228,8 @@ class _Runner:
                 "config_hash": unit.config_hash,
                 "config": unit.config,
                 "image": None if images is None else {"id": images.ids[it.image], "file": images.files[it.image],
-                                                       "index": it.image, "seed": images.seeds[it.image]},
+                                                       "index": images.skip + it.image,
+                                                       "seed": images.seeds[it.image]},
                 "seed": it.seed,
                 "sampler_seed": sampler_seed(image_seeds[j], it.seed),
                 "nfe": int(result.nfe),
@@ -413,8 +414,8 @@ def _image_sets(cfg: SweepConfig) -> tuple[_ImageSet | None, _ImageSet | None]:
     data = None
     if cfg.data is not None:
         d = cfg.data
-        data = _ImageSet("data", folder=d.folder, embedded=d.embedded, first_n=d.first_n, resize=d.resize,
-                         order=d.order, recursive=d.recursive, base_seed=d.base_seed, check=d.check)
+        data = _ImageSet("data", folder=d.folder, embedded=d.embedded, first_n=d.first_n, skip=d.skip,
+                         resize=d.resize, order=d.order, recursive=d.recursive, base_seed=d.base_seed, check=d.check)
     ref = None
     m = cfg.metrics
     if m.needs_features:

@@ -111,3 +111,81 @@ def test_compare_only_prints_the_tables_of_a_finished_sweep_without_running(tmp_
     assert "has no results.jsonl" in capsys.readouterr().err
     assert main(["sweep", "--out", str(out), "--compare-only"]) == 2
     assert "at least one --compare" in capsys.readouterr().err
+
+
+def _pinv_sweep(tmp_path, name, **data):
+    src = tmp_path / "imgs"
+    if not src.is_dir():
+        src.mkdir()
+        rng = np.random.default_rng(1)
+        for i in range(5):
+            Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(src / f"im{i}.png")
+    raw = {"sweep": {"name": name, "seeds": [0]},
+           "data": {"folder": str(src), "resolution": 16, "channels": 3, **data},
+           "tasks": [{"name": "denoising", "params": {"sigma_y": 0.2}}],
+           "methods": [{"name": "pinv"}], "metrics": {"paired": ["psnr"]}}
+    out = tmp_path / name
+    run_sweep(parse_config(raw, name=f"{name}.toml"), out, plots=False)
+    return out
+
+
+def test_a_skip_shard_has_the_ids_seeds_and_results_of_the_same_images_in_the_full_order(tmp_path, capsys):
+    import json
+
+    from hessdiff.scripts.cli import main
+
+    full = _pinv_sweep(tmp_path, "full", first_n=5)
+    head = _pinv_sweep(tmp_path, "head", first_n=2)
+    tail = _pinv_sweep(tmp_path, "tail", skip=2, first_n=3)
+    rest = _pinv_sweep(tmp_path, "rest", skip=3)  # no first_n: everything after the skipped ones
+    by_id = {r["image"]["id"]: r for r in load_results(full)}
+    for shard, ids in ((tail, [2, 3, 4]), (rest, [3, 4])):
+        recs = load_results(shard)
+        assert sorted(r["image"]["id"] for r in recs) == [f"im{i}" for i in ids]
+        for r in recs:  # same image, same seed, so the same measurement noise and metric
+            f = by_id[r["image"]["id"]]
+            assert r["seed"] == f["seed"] and r["image"] == f["image"] and r["metrics"]["psnr"] == f["metrics"]["psnr"]
+    assert json.loads((head / "sweep.json").read_text())["identity"] != json.loads(
+        (tail / "sweep.json").read_text())["identity"]
+    # the joined shards pair exactly like the full run
+    joined = paired_comparison([head, tail], ("pinv", 0), ("pinv", 0), against=[full])
+    assert joined[0]["n"] == 5 and joined[0]["diff"] == 0
+    assert paired_comparison([head, tail], ("pinv", 0), ("pinv", 0))[0]["n"] == 5
+    assert paired_comparison([tail, rest], ("pinv", 0), ("pinv", 0))[0]["n"] == 3  # overlap counted once
+    assert main(["sweep", "--out", str(head), "--compare-only", "--compare", "pinv:pinv", "--with",
+                 str(tail / "results.jsonl"), "--against", str(full)]) == 0
+    assert "| 5 |" in capsys.readouterr().out
+    # a "shard" whose shared item disagrees is not a shard of the same sweep
+    recs = load_results(rest)
+    recs[0]["metrics"]["psnr"] += 1.0
+    (rest / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    with pytest.raises(ValueError, match="different metrics: not shards"):
+        paired_comparison([tail, rest], ("pinv", 0), ("pinv", 0))
+    assert main(["sweep", "--out", str(head), "--compare-only", "--compare", "pinv:pinv", "--with",
+                 str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "--with" in err and "no such sweep folder" in err
+    with pytest.raises(ValueError, match="skip=5"):
+        _pinv_sweep(tmp_path, "past", skip=5)
+
+
+def test_embedded_shards_keep_the_ids_seeds_and_pixels_of_the_full_order():
+    import torch
+
+    from hessdiff.eval.sweep.config import SweepConfigError
+    from hessdiff.eval.sweep.images import _ImageSet
+
+    full = _ImageSet("data", embedded="mnist-test", first_n=8)
+    shard = _ImageSet("data", embedded="mnist-test", skip=5, first_n=3)
+    assert shard.ids == full.ids[5:] == ["mnist-test__00005", "mnist-test__00006", "mnist-test__00007"]
+    assert shard.seeds == full.seeds[5:] and shard.content == full.content[5:]
+    assert torch.equal(shard.load(0, (32, 32)), full.load(5, (32, 32)))
+    with pytest.raises(ValueError, match="has only 100 images"):
+        _ImageSet("data", embedded="mnist-tune", skip=90, first_n=20)
+    raw = {"sweep": {"name": "s"}, "data": {"embedded": "mnist-test", "resolution": 32, "skip": -1},
+           "tasks": [{"name": "denoising"}], "methods": [{"name": "pinv"}]}
+    with pytest.raises(SweepConfigError, match=r"\[data\].*skip"):
+        parse_config(raw, name="s.toml")
+    raw["data"]["skip"] = 0  # skip = 0 is the default and leaves the configuration's identity unchanged
+    no_skip = dict(raw, data={"embedded": "mnist-test", "resolution": 32})
+    assert parse_config(raw, name="s.toml").resolved() == parse_config(no_skip, name="s.toml").resolved()
