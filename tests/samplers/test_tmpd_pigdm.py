@@ -270,3 +270,51 @@ def test_bad_options():
             fn(den, op, y[:, :3], torch.zeros(2, D, dtype=DT), grid, sigma_y=0.2)
         with pytest.raises(ValueError, match="ddim_eta"):
             fn(den, op, y, torch.zeros(2, D, dtype=DT), grid, sigma_y=0.2, ddim_eta=-1.0)
+
+
+def _latent_selection_problem(sigma_y=0.2, seed=0, d_z=6, d_x=20, m=4):
+    """A diagonal latent Gaussian prior, a dense random decoder ``x = W z + b`` and a dense ``A`` (``d_x`` pixels)
+    whose composition ``A W`` keeps (and scales) ``m`` of the ``d_z`` latent coordinates: ``A J_D J J_Dᵀ Aᵀ``
+    is diagonal at every noise level although neither ``A`` nor the decoder is."""
+    g = _gen(seed)
+    prior = GaussianMixture(torch.ones(1, dtype=DT), torch.randn(1, d_z, generator=g, dtype=DT),
+                            0.3 + 1.2 * torch.rand(1, d_z, generator=g, dtype=DT))
+    W = torch.randn(d_x, d_z, generator=g, dtype=DT) / math.sqrt(d_z)  # dense, not orthonormal
+    b = 0.1 * torch.randn(d_x, generator=g, dtype=DT)
+    keep = torch.randperm(d_z, generator=g)[:m]
+    B = torch.eye(d_z, dtype=DT)[keep] * (0.5 + torch.rand(m, 1, generator=g, dtype=DT))
+    A = B @ torch.linalg.pinv(W)  # A W = B (W has full column rank)
+    from hessdiff.samplers.oracles.gmm import LinearAutoencoder
+
+    ae = LinearAutoencoder(W, b)
+    y = ae.decode(prior.sample(1, g)) @ A.T + sigma_y * torch.randn(1, m, generator=g, dtype=DT)
+    # y = A (W z + b) + n: the latent posterior of z given y - A b under the linear map A W
+    return prior, ae, A, y, prior.posterior(A @ W, (y - b @ A.T)[0], sigma_y)
+
+
+@pytest.mark.parametrize("method", ["tmpd", "mmps"])
+def test_latent_methods_reach_the_exact_posterior_through_a_dense_decoder(method):
+    """Latent TMPD's diagonal (one VJP through network and decoder, one decoder JVP) is exact when
+    ``A W Cov[z0 | z_t] Wᵀ Aᵀ`` is diagonal, whatever ``A`` and ``W`` are; MMPS is exact with any ``A W``."""
+    from hessdiff.samplers.guidance import sample_mmps
+
+    n, sy, steps = 1000, 0.2, 50
+    prior, ae, A, y, post = _latent_selection_problem(sigma_y=sy)
+    assert (A.abs() > 1e-3).float().mean() > 0.9 and (ae.W.abs() > 1e-3).float().mean() > 0.9  # both dense
+    den = GMMDenoiser(prior)
+    grid = den.schedule.grid(steps, "trailing")
+    z = float(grid.sigma[0]) * torch.randn(n, 6, generator=_gen(11), dtype=DT)
+    if method == "tmpd":
+        res = sample_tmpd(den, MatrixOperator(A), y, z, grid, ae, sigma_y=sy, generator=_gen(12))
+        assert res.cost.network_backward == 2 * steps and res.cost.decoder_backward == 2 * steps
+    else:
+        res = sample_mmps(den, MatrixOperator(A), y, z, grid, ae, sigma_y=sy, generator=_gen(12))
+    mean_err = _errors(res.samples, post)[0]
+    assert mean_err <= 2 * _mc(post, n), (mean_err, _mc(post, n))
+    assert res.images.shape == (n, 20)
+    if method == "tmpd":
+        # the same prior and decoder with a dense A W: the row sums are no diagonal and the mean is visibly off
+        A2 = torch.randn(4, 20, generator=_gen(13), dtype=DT) / math.sqrt(20)
+        post2 = prior.posterior(A2 @ ae.W, (y - ae.b @ A2.T)[0], sy)
+        res2 = sample_tmpd(den, MatrixOperator(A2), y, z, grid, ae, sigma_y=sy, generator=_gen(12))
+        assert _errors(res2.samples, post2)[0] > 2 * _mc(post2, n)
