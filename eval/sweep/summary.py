@@ -67,12 +67,10 @@ def _mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
-def _finalize(cfg: SweepConfig, out: Path, items: list[_Item], sweep_hash: str, runner: _Runner,
-              with_plots: bool, data: Any | None = None) -> tuple[list[dict[str, Any]], dict[str, Path], int]:
-    from hessdiff.eval.metrics.fid import FeatureStats, fid_from_stats, kernel_inception_distance
-    from hessdiff.eval.sweep.methods import METHODS
-
-    m = cfg.metrics
+def _read_records(out: Path, items: list[_Item], sweep_hash: str) -> tuple[
+        dict[int, dict[str, Any]], dict[str, list[np.ndarray]], dict[str, int]]:
+    """The current records of the finished sample items (by item index), the reference features per
+    model, and per model the number of reference items without features yet."""
     records: dict[int, dict[str, Any]] = {}
     ref_feats: dict[str, list[np.ndarray]] = {}
     ref_missing: dict[str, int] = {}
@@ -86,74 +84,104 @@ def _finalize(cfg: SweepConfig, out: Path, items: list[_Item], sweep_hash: str, 
                 ref_missing[it.unit.model] = ref_missing.get(it.unit.model, 0) + 1
         elif ok:
             records[it.index] = rec
-    sample_items = [it for it in items if it.unit.kind == "sample"]
+    return records, ref_feats, ref_missing
 
-    # results.jsonl: every finished sample item, in item order
+
+def _distribution_metrics(m: Any, out: Path, recs: list[dict[str, Any]], ref: list[np.ndarray],
+                          n_ref_missing: int, features_missing: str | None,
+                          missing: dict[str, str]) -> dict[str, Any]:
+    """FID / KID of one configuration's samples against its model's reference features (the row keys
+    ``fid``, ``kid``, ``kid_sd``, ``n_reference``, ``features``); why not, in ``missing``, when they cannot be
+    computed yet."""
+    from hessdiff.eval.metrics.fid import FeatureStats, fid_from_stats, kernel_inception_distance
+
+    fid = kid = kid_sd = None
+    reason = features_missing
+    feats = [out / r["files"]["features"] for r in recs if (r.get("files") or {}).get("features")]
+    if reason is None:
+        if len(feats) < len(recs):
+            reason = f"{len(recs) - len(feats)} item(s) have no features"
+        elif n_ref_missing:
+            reason = f"{n_ref_missing} reference image(s) have no features yet"
+        elif len(recs) < 2 or len(ref) < 2:
+            reason = f"FID/KID need at least 2 images per set (have {len(recs)} and {len(ref)})"
+    if reason is None:
+        fake = np.stack([np.load(p) for p in feats])
+        real = np.stack(ref)
+        if m.fid:
+            fid = fid_from_stats(FeatureStats().update(fake), FeatureStats().update(real))
+        if m.kid:
+            kid, kid_sd = kernel_inception_distance(real, fake, num_subsets=m.kid_subsets,
+                                                    max_subset_size=m.kid_subset_size, seed=m.kid_seed)
+    else:
+        for name in ("fid", "kid"):
+            if getattr(m, name):
+                missing[name] = reason
+    row: dict[str, Any] = {}
+    if m.fid:
+        row["fid"] = fid
+    if m.kid:
+        row["kid"], row["kid_sd"] = kid, kid_sd
+    row["n_reference"] = len(ref)
+    row["features"] = m.features
+    return row
+
+
+def _summary_row(m: Any, out: Path, label: str, unit: _Unit, its: list[_Item], records: dict[int, dict[str, Any]],
+                 ref_feats: dict[str, list[np.ndarray]], ref_missing: dict[str, int],
+                 features_missing: str | None) -> dict[str, Any]:
+    """One configuration's summary: counts, NFE, time, mean costs, paired metrics (mean, sd), FID / KID."""
+    from hessdiff.eval.sweep.methods import METHODS
+
+    recs = [records[it.index] for it in its if it.index in records]
+
+    def mean_of(get: Any) -> float | None:
+        return float(np.mean([get(r) for r in recs])) if recs else None
+
+    row: dict[str, Any] = {
+        "config": label,
+        "config_hash": unit.config_hash,
+        "model": unit.model,
+        "task": unit.task.label if unit.task else UNCONDITIONAL,
+        "method": unit.method.label,
+        "method_name": unit.method.name,
+        "uses_steps": METHODS[unit.method.name].uses_steps,
+        "steps": unit.steps,
+        "n": len(recs),
+        "n_expected": len(its),
+        "nfe": mean_of(lambda r: r["nfe"]),
+        "seconds_per_image": mean_of(lambda r: r[_RUN_KEY]["item_s"]),
+        "method_seconds_per_image": mean_of(lambda r: r[_RUN_KEY]["method_s"]),
+    }
+    costs = [r.get("cost") or {} for r in recs]
+    row["cost"] = {k: float(np.mean([c.get(k, 0) for c in costs])) for k in COST_KEYS
+                   if any(isinstance(c.get(k), int | float) for c in costs)}
+    missing: dict[str, str] = {}
+    for r in recs:
+        missing.update(r.get("missing") or {})
+    for name in m.paired:
+        row[name], row[f"{name}_sd"] = _mean_sd([_number(r["metrics"].get(name)) for r in recs])
+    if m.fid or m.kid:
+        row.update(_distribution_metrics(m, out, recs, ref_feats.get(unit.model, []),
+                                         ref_missing.get(unit.model, 0), features_missing, missing))
+    row["missing"] = missing
+    return row
+
+
+def _finalize(cfg: SweepConfig, out: Path, items: list[_Item], sweep_hash: str, runner: _Runner,
+              with_plots: bool, data: Any | None = None) -> tuple[list[dict[str, Any]], dict[str, Path], int]:
+    """Write ``results.jsonl`` (every finished sample item, in item order), the summaries (JSON, CSV,
+    Markdown), the plots and the pictures; return ``(summary rows, files, number of finished items)``."""
+    records, ref_feats, ref_missing = _read_records(out, items, sweep_hash)
+    sample_items = [it for it in items if it.unit.kind == "sample"]
     lines = [_dumps(records[it.index]) for it in sample_items if it.index in records]
     atomic_write(out / "results.jsonl", "\n".join(lines) + ("\n" if lines else ""), overwrite=True, mkdir=True)
 
     units: dict[str, tuple[_Unit, list[_Item]]] = {}
     for it in sample_items:
         units.setdefault(it.unit.label, (it.unit, []))[1].append(it)
-    summary: list[dict[str, Any]] = []
-    for label, (unit, its) in units.items():
-        recs = [records[it.index] for it in its if it.index in records]
-        row: dict[str, Any] = {
-            "config": label,
-            "config_hash": unit.config_hash,
-            "model": unit.model,
-            "task": unit.task.label if unit.task else UNCONDITIONAL,
-            "method": unit.method.label,
-            "method_name": unit.method.name,
-            "uses_steps": METHODS[unit.method.name].uses_steps,
-            "steps": unit.steps,
-            "n": len(recs),
-            "n_expected": len(its),
-            "nfe": float(np.mean([r["nfe"] for r in recs])) if recs else None,
-            "seconds_per_image": float(np.mean([r[_RUN_KEY]["item_s"] for r in recs])) if recs else None,
-            "method_seconds_per_image": float(np.mean([r[_RUN_KEY]["method_s"] for r in recs])) if recs else None,
-        }
-        costs = [r.get("cost") or {} for r in recs]
-        row["cost"] = {k: float(np.mean([c.get(k, 0) for c in costs])) for k in COST_KEYS
-                       if any(isinstance(c.get(k), int | float) for c in costs)}
-        missing: dict[str, str] = {}
-        for r in recs:
-            missing.update(r.get("missing") or {})
-        for name in m.paired:
-            mean, sd = _mean_sd([_number(r["metrics"].get(name)) for r in recs])
-            row[name], row[f"{name}_sd"] = mean, sd
-        if m.fid or m.kid:
-            fid = kid = kid_sd = None
-            reason = runner.features_missing
-            feats = [out / r["files"]["features"] for r in recs if (r.get("files") or {}).get("features")]
-            ref = ref_feats.get(unit.model, [])
-            if reason is None:
-                if len(feats) < len(recs):
-                    reason = f"{len(recs) - len(feats)} item(s) have no features"
-                elif ref_missing.get(unit.model):
-                    reason = f"{ref_missing[unit.model]} reference image(s) have no features yet"
-                elif len(recs) < 2 or len(ref) < 2:
-                    reason = f"FID/KID need at least 2 images per set (have {len(recs)} and {len(ref)})"
-            if reason is None:
-                fake = np.stack([np.load(p) for p in feats])
-                real = np.stack(ref)
-                if m.fid:
-                    fid = fid_from_stats(FeatureStats().update(fake), FeatureStats().update(real))
-                if m.kid:
-                    kid, kid_sd = kernel_inception_distance(real, fake, num_subsets=m.kid_subsets,
-                                                            max_subset_size=m.kid_subset_size, seed=m.kid_seed)
-            else:
-                for name in ("fid", "kid"):
-                    if getattr(m, name):
-                        missing[name] = reason
-            if m.fid:
-                row["fid"] = fid
-            if m.kid:
-                row["kid"], row["kid_sd"] = kid, kid_sd
-            row["n_reference"] = len(ref)
-            row["features"] = m.features
-        row["missing"] = missing
-        summary.append(row)
+    summary = [_summary_row(cfg.metrics, out, label, unit, its, records, ref_feats, ref_missing,
+                            runner.features_missing) for label, (unit, its) in units.items()]
 
     files = {
         "results": out / "results.jsonl",
