@@ -193,6 +193,9 @@ def sample_images(
         raise CLIError(f"--batch-size must be a positive integer, got {batch_size}")
     den = denoiser if denoiser is not None else make_denoiser(model)
     flow = getattr(den.schedule, "kind", "vp") == "flow"
+    auto = sampler == "auto"
+    if auto:
+        sampler, solver = _auto_sampler(model, steps, flow, solver)
     base, corr_name = _resolve_sampler(sampler, solver, flow)
     kwargs: dict[str, Any] = {}
     if eta is not None:
@@ -243,8 +246,19 @@ def sample_images(
             f"{type(correction).__name__}({', '.join(f'{k}={v!r}' for k, v in opts.items())})")
     report = {"sampler": base, "correction": corr_name, "correction_repr": shown,
               "nfe": counter.nfe // len(chunks), "extra": dict(counter.extra), "wall_time_s": wall,
-              "steps": steps, "eta": kwargs.get("eta")}
+              "steps": steps, "eta": kwargs.get("eta"), "auto": auto}
     return out, report
+
+
+def _auto_sampler(model: Any, steps: int, flow: bool, solver: str | None) -> tuple[str, str | None]:
+    """``sampler="auto"``: the defaults table's ``(sampler, solver)`` for this model at ``steps`` steps
+    (:func:`hessdiff.recommended_sampler`; flow-matching models: ``euler``)."""
+    from hessdiff.samplers.defaults import recommended_sampler
+
+    if solver is not None:
+        raise CLIError("--solver is chosen by --sampler auto (the defaults table's recommendation); give an "
+                       "explicit --sampler to set it")
+    return ("euler", None) if flow else recommended_sampler(getattr(model, "source", None), steps)
 
 
 def _seed_text(seeds: list[int]) -> str:
@@ -303,16 +317,8 @@ def run(args: argparse.Namespace) -> int:
         kind = "latent" if model.is_latent else "pixel"
         say(f"model {args.model} ({kind} space, images {model.channels}x{model.resolution}x{model.resolution}) "
             f"on {device.type} {str(dtype).replace('torch.', '')}")
-        sampler, solver = args.sampler, args.solver
-        if sampler == "auto":
-            from hessdiff.samplers.defaults import recommended_sampler
-
-            flow = getattr(den.schedule, "kind", "vp") == "flow"
-            sampler, solver = ("euler", None) if flow else recommended_sampler(args.model, args.steps)
-            say(f"sampler auto: {sampler}" + (f" on {solver}" if solver else "") +
-                f" (the defaults table's choice for {args.model} at {args.steps} steps)")
         try:
-            images, rep = sample_images(model, seeds, sampler=sampler, solver=solver, steps=args.steps,
+            images, rep = sample_images(model, seeds, sampler=args.sampler, solver=args.solver, steps=args.steps,
                                         eta=args.eta, lml_options=lml_options, batch_size=args.batch_size,
                                         denoiser=den, progress=not args.quiet)
         except RuntimeError as exc:
@@ -329,6 +335,8 @@ def run(args: argparse.Namespace) -> int:
         raise
 
     name = rep["sampler"] if rep["correction"] is None else f"{rep['sampler']} + {rep['correction_repr']}"
+    if rep["auto"]:
+        name += f" (auto: the defaults table's choice for {args.model} at {args.steps} steps)"
     extra = "".join(f", {v} {k} calls" for k, v in rep["extra"].items())
     say(f"sampler {name}, {args.steps} steps, {len(seeds)} image(s) (seeds {_seed_text(seeds)}): "
         f"NFE {rep['nfe']} per image{extra}; sampling {rep['wall_time_s']:.1f} s, "

@@ -171,9 +171,14 @@ def test_sampler_auto_takes_the_defaults_table_recommendation(tmp_path, pixel_mo
     got = torch.from_numpy(np.asarray(Image.open(tmp_path / "a" / "seed0000.png"), dtype=np.float32))
     want = torch.from_numpy(np.asarray(to_uint8_array(lml[0]), dtype=np.float32))
     assert torch.equal(got.reshape(want.shape), want)  # the same image as lml-cov on unipc
+    # the library function resolves "auto" the same way (the CLI only prints it)
+    auto, rep = cmd_sample.sample_images(model, [0], sampler="auto", steps=3)
+    assert torch.equal(auto, lml) and rep["auto"] and (rep["sampler"], rep["correction"]) == ("unipc", "cov")
     assert _main("--model", str(pixel_model_dir), "--sampler", "auto", "--steps", "2", "--seeds", "0",
                  "--out", str(tmp_path / "b"), "--device", "cpu") == 0
-    assert "sampler auto: dpm++ (the defaults table's choice" in capsys.readouterr().out
+    assert "sampler dpm++ (auto: the defaults table's choice" in capsys.readouterr().out
+    with pytest.raises(cli.CLIError, match="--solver is chosen by --sampler auto"):
+        cmd_sample.sample_images(model, [0], sampler="auto", solver="ddim", steps=3)
 
 
 def test_latent_models_ship_their_lml_files_and_the_lml_samplers_use_them():
