@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hessdiff.eval.sweep.config import (
@@ -149,60 +150,84 @@ class _Runner:
     # ---- one batch --------------------------------------------------------------------------
     def run_batch(self, unit: _Unit, items: list[_Item], pending: set[int], images: _ImageSet | None,
                   ref: _ImageSet | None, batch_index: int) -> int:
+        """Run one batch of a configuration; write the records (and images / features) of its ``pending``
+        items. Returns how many were written."""
         t_start = time.perf_counter()
         if unit.kind == "reference":
             return self._reference_batch(unit, items, pending, ref)
         res, channels = self.image_space(unit.model)
         b = len(items)
-        clean_u8 = None
-        measurement = None
-        if images is not None:
-            clean_u8 = torch.stack([images.load(it.image, res) for it in items])
-            x = _to_model_space(clean_u8, channels)
-            clean_u8 = _to_metric_space(x)  # the clean image as the metrics see it (grey models: grey)
-            image_seeds = [images.seeds[it.image] for it in items]
-            measurement = self.task(unit.task).measure(x.to(self.dist.device), seed=image_seeds)
-        else:
-            image_seeds = [None] * b
+        clean_u8, measurement, image_seeds = self._inputs(unit, items, images, res, channels)
         gens = [torch.Generator().manual_seed(sampler_seed(s_img, it.seed))
                 for s_img, it in zip(image_seeds, items, strict=True)]
+        result, method_s = self._call_method(unit, measurement, gens, (b, channels, *res))
+        try:
+            fake_u8 = _to_metric_space(result.images)
+        except ValueError as err:
+            raise ValueError(f"{unit.label}: {err} (items {[it.key for it in items]})") from err
+        paired = self._paired_metrics(fake_u8, clean_u8, res)
+        feats = None
+        if self.extractor is not None:
+            with torch.no_grad():
+                feats = torch.as_tensor(self.extractor(fake_u8.to(self.dist.device))).detach().cpu().double().numpy()
+        timing = {"method_s": method_s / b, "item_s": (time.perf_counter() - t_start) / b, "batch_index": batch_index}
+        return self._write_items(unit, items, pending, images, image_seeds, result, fake_u8, channels, paired,
+                                 feats, timing)
+
+    def _inputs(self, unit: _Unit, items: list[_Item], images: _ImageSet | None, res: tuple[int, int],
+                channels: int) -> tuple[torch.Tensor | None, Any, list[int | None]]:
+        """``(clean uint8 images as the metrics see them, the task's measurement, per-image seeds)``; all
+        ``None`` for unconditional generation."""
+        if images is None:
+            return None, None, [None] * len(items)
+        clean_u8 = torch.stack([images.load(it.image, res) for it in items])
+        x = _to_model_space(clean_u8, channels)
+        clean_u8 = _to_metric_space(x)  # the clean image as the metrics see it (grey models: grey)
+        image_seeds: list[int | None] = [images.seeds[it.image] for it in items]
+        return clean_u8, self.task(unit.task).measure(x.to(self.dist.device), seed=image_seeds), image_seeds
+
+    def _call_method(self, unit: _Unit, measurement: Any, gens: list[torch.Generator],
+                     shape: tuple[int, ...]) -> tuple[Any, float]:
+        """Run the configuration's method on one batch; ``(its result, seconds)`` (CUDA synchronised)."""
         from hessdiff.eval.sweep.methods import METHODS, MethodCall
 
-        spec = METHODS[unit.method.name]
-        call = MethodCall(model=self.model(unit.model), measurement=measurement, shape=(b, channels, *res),
+        call = MethodCall(model=self.model(unit.model), measurement=measurement, shape=shape,
                           steps=unit.steps, generators=gens, options=dict(unit.method.options),
                           device=self.dist.device)
         if self.dist.device.type == "cuda":
             torch.cuda.synchronize(self.dist.device)
         t0 = time.perf_counter()
-        result = spec.fn(call)
+        result = METHODS[unit.method.name].fn(call)
         if self.dist.device.type == "cuda":
             torch.cuda.synchronize(self.dist.device)
         method_s = time.perf_counter() - t0
-        out_images = result.images
-        if tuple(out_images.shape) != (b, channels, *res):
-            raise ValueError(f"method {unit.method.name!r} returned images of shape {list(out_images.shape)}, "
-                             f"expected {[b, channels, *res]}")
-        try:
-            fake_u8 = _to_metric_space(out_images)
-        except ValueError as err:
-            raise ValueError(f"{unit.label}: {err} (items {[it.key for it in items]})") from err
+        if tuple(result.images.shape) != tuple(shape):
+            raise ValueError(f"method {unit.method.name!r} returned images of shape {list(result.images.shape)}, "
+                             f"expected {list(shape)}")
+        return result, method_s
+
+    def _paired_metrics(self, fake_u8: torch.Tensor, clean_u8: torch.Tensor | None,
+                        res: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Per-image paired metrics against the clean images; a metric that cannot run on these images is
+        dropped from the suite (and recorded as missing) with a warning."""
         paired: dict[str, torch.Tensor] = {}
-        if clean_u8 is not None and self.cfg.metrics.paired:
-            for name, metric in list(self.suite.metrics.items()):
-                try:
-                    with torch.no_grad():
-                        paired[name] = metric(fake_u8, clean_u8).detach().cpu()
-                except (RuntimeError, ValueError) as err:  # e.g. images too small for the network
-                    del self.suite.metrics[name]
-                    self.suite.missing[name] = f"{type(err).__name__} on {res[0]}x{res[1]} images: {err}"
-                    warnings.warn(f"metric {name} is skipped: {self.suite.missing[name]}", stacklevel=2)
-        feats = None
-        if self.extractor is not None:
-            with torch.no_grad():
-                feats = torch.as_tensor(self.extractor(fake_u8.to(self.dist.device))).detach().cpu().double().numpy()
+        if clean_u8 is None or not self.cfg.metrics.paired:
+            return paired
+        for name, metric in list(self.suite.metrics.items()):
+            try:
+                with torch.no_grad():
+                    paired[name] = metric(fake_u8, clean_u8).detach().cpu()
+            except (RuntimeError, ValueError) as err:  # e.g. images too small for the network
+                del self.suite.metrics[name]
+                self.suite.missing[name] = f"{type(err).__name__} on {res[0]}x{res[1]} images: {err}"
+                warnings.warn(f"metric {name} is skipped: {self.suite.missing[name]}", stacklevel=3)
+        return paired
+
+    def _write_items(self, unit: _Unit, items: list[_Item], pending: set[int], images: _ImageSet | None,
+                     image_seeds: list[int | None], result: Any, fake_u8: torch.Tensor, channels: int,
+                     paired: dict[str, torch.Tensor], feats: np.ndarray | None, timing: dict[str, Any]) -> int:
+        """Each pending item's image, features and record (the record last: it marks the item done)."""
         missing = dict(self.suite.missing) if self.cfg.metrics.paired else {}
-        item_s = (time.perf_counter() - t_start) / b
         written = 0
         for j, it in enumerate(items):
             if it.index not in pending:
@@ -215,7 +240,7 @@ class _Runner:
             if feats is not None:
                 atomic_write(self.out / f"{it.stem}.npy", _npy_bytes(feats[j]), overwrite=True, mkdir=True)
                 files["features"] = f"{it.stem}.npy"
-            metrics = {name: float(v[j]) for name, v in paired.items()}
+            metrics: dict[str, float | None] = {name: float(v[j]) for name, v in paired.items()}
             for name in missing:
                 metrics[name] = None
             rec = {
@@ -239,9 +264,7 @@ class _Runner:
                 "features_missing": self.features_missing,
                 "files": files,
                 _RUN_KEY: {
-                    "method_s": method_s / b,
-                    "item_s": item_s,
-                    "batch_index": batch_index,
+                    **timing,
                     "rank": self.dist.rank,
                     "world_size": self.dist.world,
                     "device": str(self.dist.device),
