@@ -331,13 +331,18 @@ def _run_cell(method: BenchMethod, name: str, grid: Any, den: Any, probs: Sequen
     """One (method, steps) cell: the problems ``todo`` of a group, batched in chunks of at most
     ``max_batch_elements`` entries (one chunk per noise level when the method takes ``sigma_y``). Returns
     the float64 draws per problem index and the cost of one call (with ``chunks``, the number of calls).
-    ``key`` = ``(d_x, d_y, steps, *group)`` seeds each chunk's start noise with the method and first problem."""
+    ``key`` = ``(d_x, d_y, steps, *group)`` seeds each chunk's start noise with the method and first problem.
+    The chunks are cut from *all* the group's problems, and a chunk runs whole when any of its problems is
+    in ``todo`` (only those are returned): a resumed cell draws exactly what a run from scratch draws."""
     d_x, d_y, n, *group = key
     chunk = max(1, max_batch_elements // (num_samples * d_x))  # problems per chunk
-    groups = [[k for k in todo if probs[k][0] == s] for s in sigmas] if method.needs_sigma else [list(todo)]
+    every = range(len(probs))
+    groups = [[k for k in every if probs[k][0] == s] for s in sigmas] if method.needs_sigma else [list(every)]
+    wanted = set(todo)
     draws: dict[int, Tensor] = {}
     cost: dict[str, float] = {}
-    for ks in (g[c0: c0 + chunk] for g in groups for c0 in range(0, len(g), chunk)):
+    chunks = (g[c0: c0 + chunk] for g in groups for c0 in range(0, len(g), chunk))
+    for ks in (c for c in chunks if wanted.intersection(c)):
         op = StackedMatrixOperator(A[ks], num_samples)
         y = Y[ks].repeat_interleave(num_samples, 0)
         gen = torch.Generator().manual_seed(_seed(d_x, d_y, _method_index(name), n, ks[0], *group))
@@ -345,7 +350,8 @@ def _run_cell(method: BenchMethod, name: str, grid: Any, den: Any, probs: Sequen
         res = method.run(den, op, y, x.to(A.dtype), grid, IdentityAutoencoder(d_x), gen, sigma_y=probs[ks[0]][0])
         out = res.samples.reshape(len(ks), num_samples, d_x).to(torch.float64)
         for j, k in enumerate(ks):
-            draws[k] = out[j]
+            if k in wanted:
+                draws[k] = out[j]
         for c in ("nfe", "network_forward", "network_backward", "decoder_forward", "encoder_forward"):
             cost[c] = getattr(res.cost, c)  # the same for every chunk
         cost["chunks"] = cost.get("chunks", 0) + 1

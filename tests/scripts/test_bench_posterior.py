@@ -193,3 +193,25 @@ def test_anisotropic_runner_rows_are_tagged_and_mmps_beats_dps(tmp_path):
     assert sw["exact"] < sw["mmps"] < sw["dps"], sw
     with pytest.raises(ValueError, match="prior"):
         run_posterior_benchmark(methods, **{**kw, "prior": "nope"})
+
+
+def test_a_resumed_cell_draws_exactly_what_a_full_run_draws(tmp_path):
+    """Chunks are cut from all the group's problems, so a problem recomputed on resume (its row lost) gets the
+    same start noise and sampler noise as in the run from scratch, even when the rest of its chunk is done."""
+    import json
+
+    from hessdiff.scripts.bench.posterior import method_from_spec
+
+    out = tmp_path / "rows.jsonl"
+    methods = {"dps": method_from_spec("dps")}
+    kw = dict(dims=[8], measurement_dims=[1], sigmas=[0.1], replicates=[0, 1, 2, 3], steps=[5], num_samples=50,
+              num_projections=40, max_batch_elements=2 * 50 * 8, out_path=out)  # 2 problems per chunk
+    full = [r for r in run_posterior_benchmark(methods, **kw) if r["method"] == "dps"]
+    assert {r["chunks"] for r in full} == {2}
+    kept = [r for r in load_rows(out) if not (r["method"] == "dps" and r["replicate"] in (1, 2))]
+    out.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    again = run_posterior_benchmark(methods, **kw)  # replicates 1 and 2: one in each chunk
+    assert sorted(r["replicate"] for r in again) == [1, 2]
+    for r in again:
+        f = next(x for x in full if x["replicate"] == r["replicate"])
+        assert (r["sw1"], r["tv"], r["mean_err"]) == (f["sw1"], f["tv"], f["mean_err"])
