@@ -197,7 +197,10 @@ class _Runner:
         if self.dist.device.type == "cuda":
             torch.cuda.synchronize(self.dist.device)
         t0 = time.perf_counter()
-        result = METHODS[unit.method.name].fn(call)
+        try:
+            result = METHODS[unit.method.name].fn(call)
+        except ValueError as err:  # e.g. a run that diverged to NaN: name the configuration it happened in
+            raise ValueError(f"{unit.label}: {err}") from err
         if self.dist.device.type == "cuda":
             torch.cuda.synchronize(self.dist.device)
         method_s = time.perf_counter() - t0

@@ -26,23 +26,29 @@ def cg(matvec: MatVec, b: Tensor, iterations: int, tol: float | None = None) -> 
     ``|b - M u| <= tol |b|`` (all stop early once every sample has); this keeps iterations past
     convergence from resolving the rounding noise of a low-precision ``matvec`` in directions of tiny
     eigenvalues, where it is amplified by their inverse.
+
+    A sample whose search direction meets non-positive (or non-finite) curvature ``p^T M p`` stops there
+    and keeps its last iterate, as truncated CG does: with a trained network ``M = Sigma_y + c A J A^T``
+    need not be positive definite, and a step along such a direction would be unbounded.
     """
     u = torch.zeros_like(b)
     r, p = b.clone(), b.clone()
     rs = (r * r).sum(1)
     stop = None if tol is None else tol * tol * rs
+    active = torch.ones_like(rs, dtype=torch.bool)
     for _ in range(iterations):
-        active = None if stop is None else rs > stop
-        if active is not None and not bool(active.any()):
+        if stop is not None:
+            active = active & (rs > stop)
+        if not bool(active.any()):
             break
         Mp = matvec(p)
-        step = rs / (p * Mp).sum(1).clamp(min=_TINY)
-        if active is not None:
-            step = torch.where(active, step, torch.zeros_like(step))
+        curv = (p * Mp).sum(1)
+        active = active & (curv > 0) & torch.isfinite(curv)
+        step = torch.where(active, rs / curv.clamp(min=_TINY), torch.zeros_like(rs))
         u = u + step[:, None] * p
-        r = r - step[:, None] * Mp
+        r = torch.where(active[:, None], r - step[:, None] * Mp, r)
         rs_new = (r * r).sum(1)
-        p = r + (rs_new / rs.clamp(min=_TINY))[:, None] * p
+        p = torch.where(active[:, None], r + (rs_new / rs.clamp(min=_TINY))[:, None] * p, p)
         rs = rs_new
     return u
 

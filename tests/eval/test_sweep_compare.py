@@ -189,3 +189,19 @@ def test_embedded_shards_keep_the_ids_seeds_and_pixels_of_the_full_order():
     raw["data"]["skip"] = 0  # skip = 0 is the default and leaves the configuration's identity unchanged
     no_skip = dict(raw, data={"embedded": "mnist-test", "resolution": 32})
     assert parse_config(raw, name="s.toml").resolved() == parse_config(no_skip, name="s.toml").resolved()
+
+
+def test_a_method_error_names_the_configuration_it_happened_in(tmp_path, monkeypatch):
+    import dataclasses
+
+    from hessdiff.eval.sweep import methods
+
+    _pinv_sweep(tmp_path, "ok", first_n=2)  # builds the image folder
+    spec = methods.METHODS["pinv"]
+
+    def diverged(call):
+        raise ValueError("input contains NaN or Inf values")
+
+    monkeypatch.setitem(methods.METHODS, "pinv", dataclasses.replace(spec, fn=diverged))
+    with pytest.raises(ValueError, match=r"^\S+/denoising/pinv/0: input contains NaN"):
+        _pinv_sweep(tmp_path, "bad", first_n=2)

@@ -40,6 +40,33 @@ def test_krylov_with_m_iterations_is_the_dense_solve(solver):
         assert bool((energy(e1) < energy(e0)).all())
 
 
+def test_cg_stops_a_sample_at_non_positive_curvature_and_solves_the_others():
+    """An indefinite system (a trained Jacobian need not make ``M`` positive definite): that sample stops at
+    the direction of non-positive curvature with a finite iterate; the SPD samples of the batch are solved."""
+    g = _gen(3)
+    m = 6
+    L = torch.randn(2, m, m, generator=g, dtype=DT)
+    M = L @ L.transpose(1, 2) + 0.5 * torch.eye(m, dtype=DT)
+    M[1] = torch.diag(torch.tensor([2.0, -1.0, 1.0, -3.0, 0.5, 1.5], dtype=DT))  # indefinite
+    b = torch.randn(2, m, generator=g, dtype=DT)
+    b[1] = torch.tensor([1.0, 1.0, 0.0, 0.2, 0.0, 0.0], dtype=DT)
+
+    def mv(v):
+        return (M @ v[:, :, None])[:, :, 0]
+
+    p, curv = b[1], float(b[1] @ M[1] @ b[1])
+    assert curv > 0  # the first direction still has positive curvature: one step is taken, then it stops
+    u = cg(mv, b, m)
+    assert bool(torch.isfinite(u).all())
+    torch.testing.assert_close(u[0], torch.linalg.solve(M[0], b[0]), rtol=1e-8, atol=1e-8)
+    r1 = b[1] - M[1] @ u[1]
+    p2 = r1 + float(r1 @ r1) / float(p @ p) * p
+    assert float(p2 @ M[1] @ p2) <= 0  # the second direction has non-positive curvature
+    torch.testing.assert_close(u[1], float(p @ p) / curv * p)  # the one step taken
+    with_tol = cg(mv, b, m, tol=1e-12)
+    torch.testing.assert_close(with_tol, u)
+
+
 def test_gmres_keeps_a_diverged_sample_non_finite_and_solves_the_others():
     """A sample whose matvec overflows (a diverged run) gives a NaN solution; the batch's other samples are
     solved as before (LAPACK's least squares used to fail for the whole batch on a non-finite entry)."""
