@@ -1034,6 +1034,8 @@ def format_embedded(rows: Sequence[Mapping[str, Any]]) -> str:
                      f"{ref_n * n} samples", "{:.2f}"),
             ("ssim", "SSIM to the converged ODE solution, mean", "{:.3f}"),
         ):
+            if metric != "fid" and not any(metric in r for r in per_block):
+                continue  # no block was compared with the converged solution (--reference-blocks 0)
             out.append(f"**{model}** -- {what}\n")
             out.append("| method | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
             out.append("|---|" + "---|" * len(nfes))

@@ -132,6 +132,10 @@ def test_embedded_blocks_give_pooled_fid_a_floor_and_paired_goal_rows(monkeypatc
     text = BL.format_embedded(rows)
     assert "the 1000 held-out fashion images" in text and "Real-vs-real floor" in text
     assert f"| dpm++2m | {pooled:.2f} (" in text and "| fashion | 3 | dpm++2m |" in text
+    assert "PSNR (dB) to the converged ODE solution" in text
+    no_ref = [{k: v for k, v in r.items() if k not in ("psnr", "psnr_sd", "ssim", "ssim_sd")} for r in rows]
+    text = BL.format_embedded(no_ref)  # --reference-blocks 0: no empty PSNR / SSIM tables
+    assert "Real-vs-real floor" in text and "PSNR" not in text and "SSIM" not in text
     # skip: the cells already done are not run again
     again = BL.embedded_rows(models=("fashion",), nfes=(3,), n_samples=4, blocks=2, batch_size=4,
                              reference_steps=6, triples=(("dpm++2m", "sec1-ad", False),), bases=("dpm++2m",),
