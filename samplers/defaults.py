@@ -112,7 +112,8 @@ EMBEDDED_FAMILIES: dict[str, str] = {"mnist": "mnist", "mnist-ddpm": "mnist", "m
 #: (diffusers' DPMSolverMultistepScheduler default). The embedded pixel models: the data-covariance step on
 #: UniPC-2 (``lml_variant="cov"``, zero extra evaluations) up to 10 steps -- domain FID at NFE 5 / 6 / 8 / 10 on
 #: Fashion 0.88 / 0.75 / 0.67 / 0.66 against the best base's 3.69 / 2.33 / 1.19 / 0.83 (beyond twice the
-#: block spread at 5 and 6), on MNIST 1.86 / 1.68 / 1.54 against UniPC-2's 2.37 / 1.75 / 1.60 at 5 / 8 / 10;
+#: block spread at 5 and 6; on blocks of 1,000 at 8 and 10 too, 10 on the paired test), on MNIST
+#: 1.86 / 1.68 / 1.54 against UniPC-2's 2.37 / 1.75 / 1.60 at 5 / 8 / 10;
 #: plain UniPC-2 above, where the bases catch up (Fashion NFE 15 / 20: ties; BENCHMARKS.md, ``hessdiff bench
 #: lml --parts embedded``). The latent models: on fashion-ldm the covariance step (of the VAE latents) pays at
 #: NFE 5 (0.66 against 1.82) and ties from NFE 8 (+34 % at 6, within the spread); on mnist-ldm it never pays
