@@ -3,8 +3,10 @@ paired metric over the items both methods finished (same image, same seed), with
 
 ``hessdiff sweep CONFIG --out DIR --resume --compare mmps@20:dps@100`` prints them (markdown) after the
 sweep; ``--against OTHER`` takes the second method from another sweep's folder or results file (paired by
-task, image and seed); :func:`paired_comparison` returns the rows. A method is ``LABEL@STEPS`` (``LABEL``
-alone for methods without steps, e.g. ``pinv``), ``LABEL`` being the ``[[methods]]`` label.
+task, image and seed); ``--with SHARD`` joins another shard's rows with ``--out``'s (a run of the same sweep
+over other images of the order, ``[data] skip``); :func:`paired_comparison` returns the rows. A method is
+``LABEL@STEPS`` (``LABEL`` alone for methods without steps, e.g. ``pinv``), ``LABEL`` being the ``[[methods]]``
+label.
 """
 
 from __future__ import annotations
