@@ -255,10 +255,15 @@ def _auto_sampler(model: Any, steps: int, flow: bool, solver: str | None) -> tup
     (:func:`hessdiff.recommended_sampler`; flow-matching models: ``euler``)."""
     from hessdiff.samplers.defaults import recommended_sampler
 
-    if solver is not None:
+    _check_auto_solver("auto", solver)
+    return ("euler", None) if flow else recommended_sampler(getattr(model, "source", None), steps)
+
+
+def _check_auto_solver(sampler: str | None, solver: str | None) -> None:
+    """``--solver`` with ``--sampler auto`` is an error (auto chooses the solver)."""
+    if sampler == "auto" and solver is not None:
         raise CLIError("--solver is chosen by --sampler auto (the defaults table's recommendation); give an "
                        "explicit --sampler to set it")
-    return ("euler", None) if flow else recommended_sampler(getattr(model, "source", None), steps)
 
 
 def _seed_text(seeds: list[int]) -> str:
@@ -294,9 +299,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eta is not None and not (math.isfinite(args.eta) and args.eta >= 0):
         raise CLIError(f"--eta must be a finite non-negative number, got {args.eta}")
     known = SAMPLERS + tuple(LML_VARIANTS) + ("auto",)
-    if args.sampler == "auto" and args.solver is not None:
-        raise CLIError("--solver is chosen by --sampler auto (the defaults table's recommendation); give an "
-                       "explicit --sampler to set it")
+    _check_auto_solver(args.sampler, args.solver)  # before the output folder is touched
     if args.sampler is not None and args.sampler not in known:
         raise CLIError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(known)}")
     if args.solver is not None and args.solver not in SAMPLERS:
