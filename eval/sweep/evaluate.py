@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,48 @@ def _pair_files(real: Any, fake: Any) -> list[tuple[int, int]]:
     return pairs
 
 
+def _paired_metrics(rset: _ImageSet, fset: _ImageSet, load: Callable[[_ImageSet, int], torch.Tensor],
+                    names: Sequence[str], dev: torch.device, progress: bool
+                    ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Means and sds of the paired metrics ``names`` over the files of ``fset`` paired with ``rset``'s,
+    with ``num_pairs``, and the metrics whose weights are missing (name -> reason)."""
+    from hessdiff.eval.metrics import MetricSuite
+
+    pairs = _pair_files(rset, fset)
+    suite = MetricSuite(paired=list(names), device=dev)
+    it: Iterable[tuple[int, int]] = pairs
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(pairs, desc="paired metrics", unit="img")
+    for i, j in it:
+        a, b = load(rset, i), load(fset, j)
+        if a.shape != b.shape:
+            raise ValueError(f"{rset.files[i]} is {tuple(a.shape[1:])} but {fset.files[j]} is "
+                             f"{tuple(b.shape[1:])}; pass --resolution to resize both")
+        suite.update(b[None], a[None])
+    res = suite.compute()
+    out: dict[str, Any] = {"num_pairs": len(pairs)}
+    for n in names:
+        out[n] = res.get(n)
+        out[f"{n}_std"] = res.get(f"{n}_std")
+    return out, res.get("missing", {})
+
+
+def _features(name: str, s: _ImageSet, load: Callable[[_ImageSet, int], torch.Tensor], ext: Any,
+              dev: torch.device, batch_size: int) -> torch.Tensor:
+    """Features (float64, CPU) of every image of ``s``, ``batch_size`` at a time."""
+    chunks = []
+    for k in range(0, len(s), batch_size):
+        batch = [load(s, i) for i in range(k, min(k + batch_size, len(s)))]
+        shapes = {tuple(b.shape) for b in batch}
+        if len(shapes) > 1:
+            raise ValueError(f"{name} images have different sizes {sorted(shapes)[:3]}; pass --resolution")
+        with torch.no_grad():
+            chunks.append(torch.as_tensor(ext(torch.stack(batch).to(dev))).double().cpu())
+    return torch.cat(chunks)
+
+
 def evaluate_folders(
     real: str | os.PathLike,
     fake: str | os.PathLike,
@@ -67,7 +109,6 @@ def evaluate_folders(
     skipped with a warning and counted. Returns a flat dict of values and counts; a metric whose
     weights are missing is ``None`` with the reason under ``"missing"``.
     """
-    from hessdiff.eval.metrics import MetricSuite
     from hessdiff.eval.metrics.fid import FeatureStats, fid_from_stats, kernel_inception_distance
     from hessdiff.eval.metrics.weights import MissingWeightsError
     from hessdiff.eval.sweep.methods import make_feature_extractor
@@ -91,25 +132,9 @@ def evaluate_folders(
 
     paired_names = [n if n != "lpips" else f"lpips_{lpips_net}" for n in metrics if n in ("psnr", "ssim", "lpips")]
     if paired_names:
-        pairs = _pair_files(rset, fset)
-        suite = MetricSuite(paired=paired_names, device=dev)
-        it: Iterable[tuple[int, int]] = pairs
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(pairs, desc="paired metrics", unit="img")
-        for i, j in it:
-            a, b = load(rset, i), load(fset, j)
-            if a.shape != b.shape:
-                raise ValueError(f"{rset.files[i]} is {tuple(a.shape[1:])} but {fset.files[j]} is "
-                                 f"{tuple(b.shape[1:])}; pass --resolution to resize both")
-            suite.update(b[None], a[None])
-        res_suite = suite.compute()
-        for n in paired_names:
-            out[n] = res_suite.get(n)
-            out[f"{n}_std"] = res_suite.get(f"{n}_std")
-        out["num_pairs"] = len(pairs)
-        out["missing"].update(res_suite.get("missing", {}))
+        values, missing = _paired_metrics(rset, fset, load, paired_names, dev, progress)
+        out.update(values)
+        out["missing"].update(missing)
     if "fid" in metrics or "kid" in metrics:
         try:
             ext = feature_extractor or make_feature_extractor(features, dev)
@@ -120,18 +145,7 @@ def evaluate_folders(
                     out["missing"][n] = str(err)
             return out
         out["feature_extractor"] = getattr(ext, "name", features)
-        feats = {}
-        for name, s in (("real", rset), ("fake", fset)):
-            chunks = []
-            idx = range(len(s))
-            for k in range(0, len(s), batch_size):
-                batch = [load(s, i) for i in idx[k: k + batch_size]]
-                shapes = {tuple(b.shape) for b in batch}
-                if len(shapes) > 1:
-                    raise ValueError(f"{name} images have different sizes {sorted(shapes)[:3]}; pass --resolution")
-                with torch.no_grad():
-                    chunks.append(torch.as_tensor(ext(torch.stack(batch).to(dev))).double().cpu())
-            feats[name] = torch.cat(chunks)
+        feats = {name: _features(name, s, load, ext, dev, batch_size) for name, s in (("real", rset), ("fake", fset))}
         if "fid" in metrics:
             out["fid"] = fid_from_stats(FeatureStats().update(feats["fake"]), FeatureStats().update(feats["real"]))
         if "kid" in metrics:
