@@ -125,7 +125,7 @@ class PosteriorSamplingOutput(BaseOutput):
 
 
 class PosteriorSamplingPipeline(DiffusionPipeline):
-    r"""Posterior sampling (DPS, latent DPS, PSLD, STSL) with a diffusers model.
+    r"""Posterior sampling (DPS, latent DPS, PSLD, STSL, MMPS, TMPD, ΠGDM, DiffPIR, DAPS) with a diffusers model.
 
     Build it from components or from another pipeline::
 
@@ -133,8 +133,9 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         out = pipe(y, operator, method="stsl", num_inference_steps=50, generator=torch.Generator().manual_seed(0))
         out.images, out.cost
 
-    ``vae`` present: latent methods (``latent_dps``, ``psld``, ``stsl``); absent: pixel methods
-    (``dps``, ``stsl``). A ``UNet2DConditionModel`` is conditioned on ``prompt`` (default ``""``, the
+    ``vae`` present: the latent methods (``latent_dps``, ``psld``) and those of either space; absent: ``dps``
+    and those of either space (``stsl``, ``mmps``, ``tmpd``, ``pigdm``, ``diffpir``, ``daps``, which act
+    through the decoder in latent space). A ``UNet2DConditionModel`` is conditioned on ``prompt`` (default ``""``, the
     null prompt the PSLD / STSL papers use) through ``text_encoder`` / ``tokenizer``, or on
     ``prompt_embeds``.
     """
@@ -259,8 +260,9 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
                 samples), or a :class:`hessdiff.tasks.Measurement` (then ``task`` may be omitted).
             task: the operator ``A`` (``A(x)``, true ``A.adjoint(y)``; e.g. :mod:`hessdiff.tasks`), or
                 a :class:`hessdiff.tasks.Task` with a fixed operator.
-            method: ``"dps"`` (pixel), ``"latent_dps"``, ``"psld"`` (latent), ``"stsl"`` (either).
-            num_inference_steps: default :data:`DEFAULT_STEPS` (1000; STSL 50).
+            method: ``"dps"`` (pixel), ``"latent_dps"``, ``"psld"`` (latent), ``"stsl"``, ``"mmps"``,
+                ``"tmpd"``, ``"pigdm"``, ``"diffpir"``, ``"daps"`` (either).
+            num_inference_steps: default: the method's row of the defaults table (``hessdiff.samplers.defaults``).
             generator: one ``torch.Generator`` or one per sample.
             num_samples: batch size (default: the measurement's batch).
             prompt / negative_prompt / prompt_embeds / guidance_scale: text conditioning of a
