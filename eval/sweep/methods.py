@@ -407,7 +407,8 @@ def _posterior_method(name: str, fn: Callable[..., Any], latent: bool) -> Callab
 
 #: value ranges of the posterior samplers' numeric options, checked when a configuration is read (so that
 #: ``hessdiff sweep --check`` refuses what the samplers would refuse at the first item)
-_NONNEGATIVE = ("zeta", "lam", "eta", "gamma", "omega", "ddim_eta", "measurement_noise", "sigma_y")
+_NONNEGATIVE = ("zeta", "lam", "eta", "gamma", "omega", "ddim_eta", "measurement_noise", "sigma_y",
+                "gate_sigma")
 _POSITIVE = ("probe_scale", "clip_x0")
 _POSITIVE_INT = ("inner_steps", "num_probes", "iterations")
 

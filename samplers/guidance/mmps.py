@@ -49,30 +49,50 @@ class MMPSDenoiser(LikelihoodDenoiser):
       ``y = A x + n`` with ``n ~ N(0, sigma_y^2 I)`` (``y`` batch 1 or the run's batch);
     iterations: Krylov iterations per call (1--5 in the paper); solver: ``"gmres"`` (azula, the
       benchmark: a trained ``J`` is not symmetric) or ``"cg"``;
-    autoencoder: latent space (``A(D(z))``); clip_x0: clamp the guided ``x0_hat`` to ``[-c, c]``.
+    autoencoder: latent space (``A(D(z))``); clip_x0: clamp the guided ``x0_hat`` to ``[-c, c]``;
+    gate_sigma: trust the network's Jacobian only at noise levels ``sigma_t / alpha_t <= gate_sigma``; above
+      it ``Cov[x0 | x_t]`` is ΠGDM's ``r_t^2 I`` (``r_t^2 = sigma_t^2 / (alpha_t^2 + sigma_t^2)``), so that
+      ``x0_hat(x_t | y) = x0_hat + r_t^2 A^T u`` with ``(Sigma_y + r_t^2 A A^T) u = y - A x0_hat`` -- no VJP of
+      the network (for networks whose Jacobian is wrong at high noise; None: everywhere the Jacobian, MMPS).
     Cost per call: 1 forward and ``iterations + 1`` VJPs of the network (latent: plus ``iterations``
-    decoder JVPs and ``iterations + 1`` decoder backward passes).
+    decoder JVPs and ``iterations + 1`` decoder backward passes); above the gate no network VJP (latent:
+    ``iterations + 1`` decoder backward passes and ``iterations`` decoder JVPs).
     """
 
     def __init__(self, denoiser: Any, operator: Any, y: Tensor, sigma_y: float, *, iterations: int = 5,
-                 solver: str = "gmres", autoencoder: Any | None = None, clip_x0: float | None = None) -> None:
+                 solver: str = "gmres", autoencoder: Any | None = None, clip_x0: float | None = None,
+                 gate_sigma: float | None = None) -> None:
         _choice(solver, tuple(KRYLOV_SOLVERS), "Krylov solver")
         if not (isinstance(iterations, int) and iterations >= 1):
             raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+        if gate_sigma is not None and not (math.isfinite(float(gate_sigma)) and gate_sigma >= 0):
+            raise ValueError(f"gate_sigma must be a finite non-negative noise level sigma/alpha, got {gate_sigma!r}")
         super().__init__(denoiser, operator, y, sigma_y, autoencoder=autoencoder, clip_x0=clip_x0)
         self.iterations, self.solver = iterations, KRYLOV_SOLVERS[solver]
+        self.gate_sigma = None if gate_sigma is None else float(gate_sigma)
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Prediction:
         a, s = (float(v.reshape(-1)[0]) for v in self.schedule.alpha_sigma(broadcast_time(t, x)))
         c = s * s / a  # Cov[x0 | x_t] = (sigma^2 / alpha) J
+        gated = self.gate_sigma is not None and s > self.gate_sigma * a
         with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
+            xr = x.detach().requires_grad_(not gated)
             pred = self.denoiser(xr, t)
+            if gated:  # the prior covariance r^2 I: A^T (latent: J_D^T A^T) by autograd through the measurement
+                pred = Prediction(eps=pred.eps.detach(), x0=pred.x0.detach().requires_grad_(True))
             ax = self._measure(pred.x0)
         y = self.y.to(dtype=ax.dtype, device=ax.device).expand_as(ax)
-        u, vjp = moment_matched_solve(ax, xr, y, self.sigma_y, c, self.solver, self.iterations, measure=self._measure,
-                                      x0=pred.x0, through_decoder=self.autoencoder is not None)
-        x0 = (pred.x0 + c * vjp(u)).detach()
+        if gated:
+            r2 = s * s / (a * a + s * s)
+            u, at = moment_matched_solve(ax, pred.x0, y, self.sigma_y, r2, self.solver, self.iterations,
+                                         measure=self._measure, x0=pred.x0,
+                                         through_decoder=self.autoencoder is not None)
+            x0 = (pred.x0 + r2 * at(u)).detach()
+        else:
+            u, vjp = moment_matched_solve(ax, xr, y, self.sigma_y, c, self.solver, self.iterations,
+                                          measure=self._measure, x0=pred.x0,
+                                          through_decoder=self.autoencoder is not None)
+            x0 = (pred.x0 + c * vjp(u)).detach()
         if self.clip_x0 is not None:
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)
         return Prediction(eps=(x - a * x0) / s if s > 0 else pred.eps.detach(), x0=x0)
@@ -110,13 +130,14 @@ def moment_matched_solve(ax: Tensor, x: Tensor, y: Tensor, sigma_y: float, c: fl
 
 def sample_mmps(denoiser: Any, operator: Any, y: Tensor, x: Tensor, grid: TimeGrid, autoencoder: Any | None = None,
                 *, sigma_y: float, iterations: int = 5, solver: str = "gmres", ddim_eta: float = 1.0,
-                clip_x0: float | None = None, **hooks: Any) -> Result:
+                clip_x0: float | None = None, gate_sigma: float | None = None, **hooks: Any) -> Result:
     """MMPS on a DDIM loop (``ddim_eta = 1``: the paper's benchmark): :class:`MMPSDenoiser` as the
-    denoiser of :class:`~hessdiff.samplers.solvers.DDIM`. ``hooks``: ``generator``, ``callback``,
+    denoiser of :class:`~hessdiff.samplers.solvers.DDIM` (``gate_sigma``: the Jacobian only at noise
+    levels ``sigma/alpha <= gate_sigma``, ΠGDM's ``r_t^2 I`` above). ``hooks``: ``generator``, ``callback``,
     ``progress``. NFE counts network forwards plus VJPs (``network_backward``)."""
     def make(counted: Any, yb: Tensor, decoder: Any) -> MMPSDenoiser:
         return MMPSDenoiser(counted, operator, yb, sigma_y, iterations=iterations, solver=solver,
-                            autoencoder=decoder, clip_x0=clip_x0)
+                            autoencoder=decoder, clip_x0=clip_x0, gate_sigma=gate_sigma)
 
     return run_transform_on_ddim("sample_mmps", make, denoiser, operator, y, x, grid, autoencoder, sigma_y=sigma_y,
                                  ddim_eta=ddim_eta, nfe_convention="network forwards plus vector-Jacobian products "

@@ -149,6 +149,43 @@ def test_latent_mmps_matches_the_exact_latent_posterior_mean(latent_gaussian):
     assert res.images.shape == (1000, d_x) and res.cost.decoder_backward == 30 * (m + 1)
 
 
+def test_gated_mmps_is_exact_on_a_unit_gaussian_prior_without_vjps():
+    """Above the gate MMPS takes Cov[x0 | x_t] = r_t^2 I, which is exact for a N(0, I) prior: with the gate at
+    0 (every step gated) it reaches the exact posterior mean within 2x the Monte-Carlo error, without a single
+    network VJP; with a gate above every level it is MMPS, bit for bit; on a correlated prior the gated run is off."""
+    d, m, sy, n = 16, 8, 0.2, 1000
+    g = _gen(7)
+    prior = GaussianMixture(torch.ones(1, dtype=DT), torch.zeros(1, d, dtype=DT), torch.eye(d, dtype=DT)[None])
+    A = torch.randn(m, d, generator=g, dtype=DT) / math.sqrt(d)
+    y = prior.sample(1, g) @ A.T + sy * torch.randn(1, m, generator=g, dtype=DT)
+    post = prior.posterior(A, y[0], sy)
+    den = GMMDenoiser(prior)
+    grid = den.schedule.grid(50, "trailing")
+    x = float(grid.sigma[0]) * torch.randn(n, d, generator=_gen(1), dtype=DT)
+    res = sample_mmps(den, MatrixOperator(A), y, x, grid, sigma_y=sy, iterations=m, solver="cg", ddim_eta=0.0,
+                      gate_sigma=0.0)
+    mc = math.sqrt(float(torch.diagonal(post.covariance()).sum()) / n) / float(post.mean().norm())
+    assert _errors(res.samples, post)[0] <= 2 * mc
+    assert res.cost.network_backward == 0 and res.cost.network_forward == 50
+    plain = sample_mmps(den, MatrixOperator(A), y, x, grid, sigma_y=sy, iterations=3, generator=_gen(2))
+    inf = sample_mmps(den, MatrixOperator(A), y, x, grid, sigma_y=sy, iterations=3, generator=_gen(2),
+                      gate_sigma=1e30)
+    assert torch.equal(plain.samples, inf.samples) and inf.cost.network_backward == plain.cost.network_backward
+
+    prior2, A2, y2, post2 = _gaussian_problem(sigma_y=sy)  # covariance L L^T + 0.1 I: r_t^2 I is not its own
+    den2 = GMMDenoiser(prior2)
+    x2 = float(grid.sigma[0]) * torch.randn(n, d, generator=_gen(1), dtype=DT)
+    gated = sample_mmps(den2, MatrixOperator(A2), y2, x2, grid, sigma_y=sy, iterations=m, solver="cg",
+                        ddim_eta=0.0, gate_sigma=0.0)
+    mc2 = math.sqrt(float(torch.diagonal(post2.covariance()).sum()) / n) / float(post2.mean().norm())
+    assert _errors(gated.samples, post2)[0] > 2 * mc2
+    # a gate in the middle of the schedule: VJPs only at the steps below it
+    half = sample_mmps(den2, MatrixOperator(A2), y2, x2, grid, sigma_y=sy, iterations=3, gate_sigma=1.0)
+    a, s = den2.schedule.alpha_sigma(grid.t[:-1].to(DT))
+    below = int((s <= a).sum())
+    assert 0 < below < 50 and half.cost.network_backward == below * 4
+
+
 def test_mmps_bad_input():
     prior, A, y, _ = _gaussian_problem()
     den = GMMDenoiser(prior)
@@ -158,6 +195,8 @@ def test_mmps_bad_input():
         MMPSDenoiser(den, MatrixOperator(A), y, -1.0)
     with pytest.raises(ValueError, match="iterations"):
         MMPSDenoiser(den, MatrixOperator(A), y, 0.2, iterations=0)
+    with pytest.raises(ValueError, match="gate_sigma"):
+        MMPSDenoiser(den, MatrixOperator(A), y, 0.2, gate_sigma=-1.0)
     grid = den.schedule.grid(5)
     with pytest.raises(ValueError, match="measurement"):
         sample_mmps(den, MatrixOperator(A), y[:, :3], torch.zeros(2, 16, dtype=DT), grid, sigma_y=0.2)
