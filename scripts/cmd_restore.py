@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -262,6 +263,59 @@ def _fmt(v: float | None, spec: str) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def _example_image(args: argparse.Namespace, say: Callable[..., None]) -> str:
+    """The path of shipped example ``--example N`` (refused together with IMAGE, or out of range)."""
+    if args.image:
+        raise CLIError("give either IMAGE or --example N, not both")
+    examples = example_images()
+    try:
+        k = int(args.example)
+    except ValueError:
+        k = -1
+    if not 0 <= k < len(examples):
+        raise CLIError(f"--example {args.example}: choose N from 0 to {len(examples) - 1} "
+                       f"(hessdiff restore --example list); shipped: "
+                       + ", ".join(f"{i}={p.name}" for i, p in enumerate(examples)))
+    say(f"example {k}: {examples[k].name}")
+    return str(examples[k])
+
+
+def _say_results(say: Callable[..., None], scores: dict[str, Any], base: dict[str, Any] | None, cost: Any,
+                 method: str, t_start: float) -> None:
+    """The metrics against the input (and the measurement's, when it is image-shaped) and the cost."""
+    lp = scores["lpips_alex"]
+    lp_text = _fmt(lp, ".4f") if lp is not None else f"n/a ({scores['missing'].get('lpips_alex', 'missing')})"
+    say(f"restored vs input:    PSNR {_fmt(scores['psnr'], '.2f')} dB  SSIM {_fmt(scores['ssim'], '.4f')}  "
+        f"LPIPS {lp_text}")
+    if base is not None:
+        say(f"measurement vs input: PSNR {_fmt(base['psnr'], '.2f')} dB  SSIM {_fmt(base['ssim'], '.4f')}")
+    backward = f", {cost.network_backward} backward" if cost.network_backward else ""
+    vae = ""
+    if cost.decoder_forward or cost.encoder_forward:
+        vae = f", decoder {cost.decoder_forward} fwd / {cost.decoder_backward} bwd, encoder {cost.encoder_forward} fwd"
+    say(f"cost: NFE {cost.nfe} (as the {method} paper counts), network {cost.network_forward} forward{backward}"
+        f"{vae}; sampling {cost.wall_time_s:.1f} s, total {time.perf_counter() - t_start:.1f} s")
+
+
+def _write_outputs(out: Any, x: Any, m: Any, restored: Any, method: str, report: dict[str, Any],
+                   image: str) -> list[Path]:
+    """The five files of a restore run, written together by the :class:`OutputDir` (all or none)."""
+    import torch
+
+    from hessdiff.scripts._common import labelled_row, png_writer, to_rgb_uint8
+    from hessdiff.utils.images import to_uint8_array
+
+    comparison = labelled_row([to_rgb_uint8(x), to_rgb_uint8(m.y), to_rgb_uint8(restored)],
+                              ["input", "measurement", f"restored ({method})"])
+    return out.write({
+        "restored.png": png_writer(to_uint8_array(restored)),
+        "comparison.png": png_writer(comparison),
+        "measurement.png": png_writer(to_uint8_array(m.y.detach().cpu())),
+        "measurement.pt": lambda tmp: torch.save({**m.to_dict(), "image": image}, tmp),
+        "metrics.json": lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str) + "\n"),
+    })
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -269,39 +323,24 @@ def run(args: argparse.Namespace) -> int:
     from hessdiff.samplers.defaults import method_defaults, model_family
     from hessdiff.scripts._common import (
         OutputDir,
-        labelled_row,
         load_model_for_cli,
         make_denoiser,
         parse_device,
         parse_dtype,
         parse_key_values,
-        png_writer,
         set_threads,
-        to_rgb_uint8,
     )
     from hessdiff.tasks import load_preset, make_task
     from hessdiff.tasks.task import resolution_defaults
-    from hessdiff.utils.images import load_image, to_uint8_array
+    from hessdiff.utils.images import load_image
 
     t_start = time.perf_counter()
     say = (lambda *a: None) if args.quiet else print
+    if args.example is not None and args.example.strip().lower() == "list":
+        print("shipped example images (hessdiff restore --example N --task ...):\n" + _example_listing())
+        return 0
     if args.example is not None:
-        if args.example.strip().lower() == "list":
-            print("shipped example images (hessdiff restore --example N --task ...):\n" + _example_listing())
-            return 0
-        if args.image:
-            raise CLIError("give either IMAGE or --example N, not both")
-        examples = example_images()
-        try:
-            k = int(args.example)
-        except ValueError:
-            k = -1
-        if not 0 <= k < len(examples):
-            raise CLIError(f"--example {args.example}: choose N from 0 to {len(examples) - 1} "
-                           f"(hessdiff restore --example list); shipped: "
-                           + ", ".join(f"{i}={p.name}" for i, p in enumerate(examples)))
-        args.image = str(examples[k])
-        say(f"example {k}: {examples[k].name}")
+        args.image = _example_image(args, say)
     if not args.image:
         raise CLIError("give the IMAGE to restore, or --example N (hessdiff restore --example list)")
     if not args.task:
@@ -389,32 +428,12 @@ def run(args: argparse.Namespace) -> int:
             "device": str(device), "dtype": str(dtype).replace("torch.", ""), "metrics_vs_input": scores,
             "measurement_metrics_vs_input": base, "cost": cost.as_dict(),
         }
-        y_pic = to_uint8_array(m.y.detach().cpu())
-        comparison = labelled_row([to_rgb_uint8(x), to_rgb_uint8(m.y), to_rgb_uint8(restored)],
-                                  ["input", "measurement", f"restored ({method})"])
-        written = out.write({
-            "restored.png": png_writer(to_uint8_array(restored)),
-            "comparison.png": png_writer(comparison),
-            "measurement.png": png_writer(y_pic),
-            "measurement.pt": lambda tmp: torch.save({**m.to_dict(), "image": str(args.image)}, tmp),
-            "metrics.json": lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str) + "\n"),
-        })
+        written = _write_outputs(out, x, m, restored, method, report, str(args.image))
     except BaseException:
         out.discard()
         raise
 
-    lp = scores["lpips_alex"]
-    lp_text = _fmt(lp, ".4f") if lp is not None else f"n/a ({scores['missing'].get('lpips_alex', 'missing')})"
-    say(f"restored vs input:    PSNR {_fmt(scores['psnr'], '.2f')} dB  SSIM {_fmt(scores['ssim'], '.4f')}  "
-        f"LPIPS {lp_text}")
-    if base is not None:
-        say(f"measurement vs input: PSNR {_fmt(base['psnr'], '.2f')} dB  SSIM {_fmt(base['ssim'], '.4f')}")
-    backward = f", {cost.network_backward} backward" if cost.network_backward else ""
-    vae = ""
-    if cost.decoder_forward or cost.encoder_forward:
-        vae = f", decoder {cost.decoder_forward} fwd / {cost.decoder_backward} bwd, encoder {cost.encoder_forward} fwd"
-    say(f"cost: NFE {cost.nfe} (as the {method} paper counts), network {cost.network_forward} forward{backward}"
-        f"{vae}; sampling {cost.wall_time_s:.1f} s, total {time.perf_counter() - t_start:.1f} s")
+    _say_results(say, scores, base, cost, method, t_start)
     order = ["restored.png", "comparison.png", "measurement.png", "measurement.pt", "metrics.json"]
     paths = {p.name: p for p in written}
     print("wrote " + ", ".join(str(paths[n]) for n in order))
