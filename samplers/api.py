@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,27 @@ def accepted_options(method: str) -> list[str]:
     return names
 
 
+#: value ranges of the posterior samplers' numeric options (:func:`check_option_ranges`)
+_NONNEGATIVE = ("zeta", "lam", "eta", "gamma", "omega", "ddim_eta", "measurement_noise", "sigma_y",
+                "gate_sigma")
+_POSITIVE = ("probe_scale", "clip_x0")
+_POSITIVE_INT = ("inner_steps", "num_probes", "iterations")
+
+
+def check_option_ranges(method: str, opts: dict[str, Any]) -> None:
+    """``ValueError`` naming the first numeric option of ``opts`` out of its range (negative step sizes,
+    damping or noise levels, non-positive clamps, iteration counts below 1), before anything runs."""
+    for key, v in opts.items():
+        if v is None or isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        if key in _POSITIVE_INT and not (isinstance(v, int) and v >= 1):
+            raise ValueError(f"option {key!r} of method {method!r} must be a positive integer, got {v!r}")
+        if key in _NONNEGATIVE and not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"option {key!r} of method {method!r} must be a finite non-negative number, got {v!r}")
+        if key in _POSITIVE and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"option {key!r} of method {method!r} must be a finite positive number, got {v!r}")
+
+
 def method_options(method: str, given: dict[str, Any], family: str | None = None,
                    row: str | None = None, task: str | None = None) -> tuple[dict[str, Any], int]:
     """``(options, steps)`` of ``method``: the defaults table's row (see
@@ -94,6 +116,7 @@ def method_options(method: str, given: dict[str, Any], family: str | None = None
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {method!r}; "
                          f"accepted: {', '.join(accepted)}")
+    check_option_ranges(method, given)
     opts = method_defaults(method, family, row, task)
     steps = int(opts.pop("steps"))
     opts.update(given)

@@ -56,7 +56,6 @@ average-pooled pixels in [0, 1], 192-d; weight-free, for smoke tests only).
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -405,27 +404,12 @@ def _posterior_method(name: str, fn: Callable[..., Any], latent: bool) -> Callab
     return run
 
 
-#: value ranges of the posterior samplers' numeric options, checked when a configuration is read (so that
-#: ``hessdiff sweep --check`` refuses what the samplers would refuse at the first item)
-_NONNEGATIVE = ("zeta", "lam", "eta", "gamma", "omega", "ddim_eta", "measurement_noise", "sigma_y",
-                "gate_sigma")
-_POSITIVE = ("probe_scale", "clip_x0")
-_POSITIVE_INT = ("inner_steps", "num_probes", "iterations")
-
-
 def _check_sampler_ranges(name: str) -> Callable[[dict[str, Any]], None]:
-    def validate(opts: dict[str, Any]) -> None:
-        for key, v in opts.items():
-            if v is None or isinstance(v, bool) or not isinstance(v, int | float):
-                continue
-            if key in _POSITIVE_INT and not (isinstance(v, int) and v >= 1):
-                raise ValueError(f"option {key!r} of method {name!r} must be a positive integer, got {v!r}")
-            if key in _NONNEGATIVE and not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"option {key!r} of method {name!r} must be a finite non-negative number, got {v!r}")
-            if key in _POSITIVE and not (math.isfinite(v) and v > 0):
-                raise ValueError(f"option {key!r} of method {name!r} must be a finite positive number, got {v!r}")
+    """:func:`hessdiff.samplers.api.check_option_ranges` for method ``name``, when a configuration is read (so that
+    ``hessdiff sweep --check`` refuses what the samplers would refuse at the first item)."""
+    from hessdiff.samplers.api import check_option_ranges
 
-    return validate
+    return lambda opts: check_option_ranges(name, opts)
 
 
 def _register_posterior_samplers() -> None:

@@ -340,6 +340,8 @@ def _unreadable(tmp_path):
         ("unknown-method", "unknown method"),
         ("unknown-task", "unknown task"),
         ("unknown-option", "unknown option"),
+        ("negative-step-size", "option 'zeta' of method 'dps' must be a finite non-negative number"),
+        ("negative-gate", "option 'gate_sigma' of method 'mmps' must be a finite non-negative number"),
         ("bad-param", "unknown parameter"),
         ("no-resize", "--no-resize"),
         ("box-too-large", "does not fit"),
@@ -368,6 +370,10 @@ def test_bad_input_fails_cleanly(case, message, tmp_path, digit_png, pixel_model
         task = ["--task", "colorization"]
     elif case == "unknown-option":
         extra = ["--method", "dps", "--option", "lam=3"]
+    elif case == "negative-step-size":
+        extra = ["--method", "dps", "--option", "zeta=-1"]
+    elif case == "negative-gate":
+        extra = ["--method", "mmps", "--option", "gate_sigma=-0.5"]
     elif case == "bad-param":
         task = ["--task", "box_inpainting", "--param", "size=8"]
     elif case == "no-resize":
